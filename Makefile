@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine: `make test` and `make demo`.
+# Each creates its virtualenv(s), installs torch (pinned here, not in install_requires) and the package.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gradclip-installed
+# the last transformers 4.x release: the integration tests also run against it
+VENV_TF4 ?= .venv-tf4
+TF4_SPEC ?= transformers==4.57.6
+STAMP_TF4 := $(VENV_TF4)/.gradclip-installed
+PIP_OPTS ?= --quiet
+
+.PHONY: install test test-main test-tf4 demo clean
+
+$(STAMP): setup.py setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_OPTS) --upgrade pip
+	$(PY) -m pip install $(PIP_OPTS) "$(TORCH_SPEC)"
+	$(PY) -m pip install $(PIP_OPTS) -e ".[test]"
+	touch $(STAMP)
+
+$(STAMP_TF4): setup.py setup.cfg
+	$(PYTHON) -m venv $(VENV_TF4)
+	$(VENV_TF4)/bin/python -m pip install $(PIP_OPTS) --upgrade pip
+	$(VENV_TF4)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)"
+	$(VENV_TF4)/bin/python -m pip install $(PIP_OPTS) -e ".[test]" "$(TF4_SPEC)"
+	touch $(STAMP_TF4)
+
+install: $(STAMP)
+
+# the whole suite on the newest transformers, then the Trainer integration tests on 4.57
+test: test-main test-tf4
+
+test-main: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-tf4: $(STAMP_TF4)
+	$(VENV_TF4)/bin/python -m pytest tests/integration -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	WANDB_MODE=offline $(PY) -m gradclip_hf demo $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) $(VENV_TF4) build *.egg-info .pytest_cache demo_output

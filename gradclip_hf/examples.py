@@ -1,0 +1,128 @@
+"""Real data and tiny models for tests, the demo, benchmarks and notebooks (nothing is downloaded).
+
+``stdlib_text`` reads the Python standard library's own ``.py`` files (sorted, deterministic);
+``ByteLMDataset`` turns text into byte-level causal-LM blocks; ``tiny_llama`` builds a small
+``LlamaForCausalLM`` from a config. transformers is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+__all__ = ["stdlib_text", "ByteLMDataset", "SpikyByteStream", "rare_byte_block", "tiny_llama_config", "tiny_llama", "VOCAB_SIZE", "PAD_ID", "BOS_ID",
+           "EOS_ID"]
+
+PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
+VOCAB_SIZE = 259  # 256 bytes + pad, bos, eos
+
+
+def stdlib_text(max_bytes: int = 200_000) -> str:
+    """Up to ``max_bytes`` of real Python source from the standard library, in sorted file order."""
+    root = sysconfig.get_paths()["stdlib"]
+    chunks: list[str] = []
+    size = 0
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not name.endswith(".py") or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            data = f.read().decode("utf-8", errors="replace")
+        chunks.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    text = "".join(chunks)
+    if not text:
+        raise RuntimeError(f"No .py files found in the standard library directory {root!r}.")
+    return text[:max_bytes]
+
+
+class ByteLMDataset(Dataset):
+    """Byte-level causal-LM blocks: ``{"input_ids", "labels", "attention_mask"}`` of ``block_size`` each."""
+
+    def __init__(self, text: str, block_size: int = 64, num_blocks: int | None = None):
+        data = list(text.encode("utf-8"))
+        n = (len(data) - 1) // (block_size - 1)
+        if num_blocks is not None:
+            n = min(n, num_blocks)
+        if n < 1:
+            raise ValueError(f"text of {len(data)} bytes is too short for block_size={block_size}.")
+        self.block_size = block_size
+        step = block_size - 1
+        self.blocks = [torch.tensor([BOS_ID] + data[i * step:(i + 1) * step], dtype=torch.long) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.blocks[index]
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def rare_byte_block(block_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A block of byte values 128-255, which never occur in the (ASCII) standard library source: the
+    model has never seen them, so the loss and the gradient of such a batch are a spike."""
+    ids = torch.randint(128, 256, (block_size,), generator=generator, dtype=torch.long)
+    ids[0] = BOS_ID
+    return ids
+
+
+class SpikyByteStream(IterableDataset):
+    """Byte-level blocks in a fixed order, with "rare token" batches injected at known optimizer steps.
+
+    Item ``i`` belongs to optimizer step ``i // samples_per_step``; the items of the steps in
+    ``spike_steps`` are rare-byte blocks (:func:`rare_byte_block`), all others cycle through
+    ``dataset`` in order. An ``IterableDataset`` is never shuffled by the Trainer, so the spikes land at
+    exactly those steps (``max_steps`` must be set).
+
+    Args:
+        dataset: a :class:`ByteLMDataset`.
+        spike_steps: 0-based optimizer steps (the Trainer's ``state.global_step`` before the update).
+        samples_per_step: per-device batch size x gradient accumulation steps x number of processes.
+        seed: seed of the rare bytes.
+    """
+
+    def __init__(self, dataset: ByteLMDataset, spike_steps: tuple[int, ...] = (), samples_per_step: int = 8,
+                 seed: int = 0):
+        super().__init__()
+        if samples_per_step < 1:
+            raise ValueError(f"`samples_per_step` must be >= 1, got {samples_per_step!r}.")
+        self.dataset, self.spike_steps = dataset, frozenset(spike_steps)
+        self.samples_per_step, self.seed = samples_per_step, seed
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        clean = 0
+        item = 0
+        while True:
+            if item // self.samples_per_step in self.spike_steps:
+                ids = rare_byte_block(self.dataset.block_size, generator)
+                yield {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+            else:
+                yield self.dataset[clean % len(self.dataset)]
+                clean += 1
+            item += 1
+
+
+def tiny_llama_config(vocab_size: int = VOCAB_SIZE, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+                      intermediate_size: int | None = None, max_position_embeddings: int = 256, **kwargs: Any):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads,
+                       intermediate_size=intermediate_size or 2 * hidden_size,
+                       max_position_embeddings=max_position_embeddings, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                       eos_token_id=EOS_ID, tie_word_embeddings=False, **kwargs)
+
+
+def tiny_llama(seed: int = 0, **config_kwargs: Any):
+    """A freshly initialised tiny ``LlamaForCausalLM`` (deterministic for a given ``seed``)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**config_kwargs))

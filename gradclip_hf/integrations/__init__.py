@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (imported lazily: each pulls in its framework)."""

@@ -1,0 +1,289 @@
+"""Weights & Biases extras for gradient clipping: metric definitions, a per-layer norm histogram,
+spike alerts and a spike table, an end-of-run chart, and the recommended panel layout.
+
+The scalar metrics themselves reach W&B through the Trainer's own ``WandbCallback`` (the pack puts
+them into the dict given to ``Trainer.log``, which W&B logs as ``train/grad_norm``,
+``train/gradclip/threshold``, ...). This module adds what a scalar log cannot carry. It never imports
+``wandb`` at module load: every function imports it lazily and does nothing when wandb is not installed
+or no run is active (``wandb.run is None``).
+
+Keys logged here (x axis ``train/global_step``, the Trainer's step metric):
+
+==================================  ===================================================================
+``gradclip/layer_norms``            ``wandb.Histogram`` of the per-layer pre-clip norms of the last step,
+                                    every ``histogram_every`` logging steps
+``gradclip/spike_events``           ``wandb.Table`` of every spike so far (step, kind, loss, z, factor,
+                                    top layers), logged when new spikes were read
+``gradclip/norms_over_run``         at train end: a line chart of pre-clip norm (last and max of each
+                                    window), post-clip norm and threshold over the run
+``run.alert``                       a rate-limited WARN alert for spikes, an ERROR alert when the pack
+                                    stops training
+==================================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["STEP_METRIC", "SECTION", "WandbReporter", "panel_layout", "define_metrics", "create_workspace",
+           "wandb_run", "spike_table_columns"]
+
+STEP_METRIC = "train/global_step"  # what transformers' WandbCallback logs as the x axis
+SECTION = "gradclip"
+MAX_TABLE_ROWS = 1000
+MAX_ALERT_EVENTS = 5
+
+
+def wandb_run(report_to: Any = None) -> Any:
+    """The active ``wandb.run``, or ``None`` (wandb not installed, not imported by a reporter, or no run).
+
+    With ``report_to`` given (the Trainer's list), ``None`` unless ``"wandb"`` is in it (``"all"`` counts)."""
+    if report_to is not None:
+        targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
+        if "wandb" not in targets and "all" not in targets:
+            return None
+    module = sys.modules.get("wandb")  # the Trainer's WandbCallback imported it if W&B is in use
+    if module is None:
+        try:
+            import wandb as module  # noqa: F811
+        except ImportError:
+            return None
+    return getattr(module, "run", None)
+
+
+def define_metrics(run: Any, step_metric: str = STEP_METRIC) -> None:
+    """Plot every ``gradclip/*`` and ``train/gradclip/*`` key against ``step_metric`` and give the
+    window maxima a ``max`` summary (the run table then shows the worst norm of the run)."""
+    run.define_metric(step_metric)
+    for glob in (f"{SECTION}/*", f"train/{SECTION}/*"):
+        run.define_metric(glob, step_metric=step_metric, step_sync=True)
+    run.define_metric(f"train/{SECTION}/norm_max", step_metric=step_metric, summary="max")
+    run.define_metric(f"train/{SECTION}/clip_rate", step_metric=step_metric, summary="mean")
+
+
+def spike_table_columns() -> list[str]:
+    return ["step", "kind", "loss", "loss_baseline", "loss_z", "norm", "norm_baseline", "norm_z",
+            "factor_before", "factor_after", "top_layers"]
+
+
+def _finite(value: float) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+class WandbReporter:
+    """Logs the extras to the active W&B run at each logging step and at train end.
+
+    Args:
+        histogram_every: log the per-layer norm histogram every this many logging steps (0: never).
+        alerts: send ``run.alert`` for spikes (WARN) and stops (ERROR).
+        alert_interval_s: at most one spike alert per this many seconds (the rest are summarised in
+            the next one); W&B's own ``wait_duration`` is set to the same value.
+        step_metric: the x axis (the Trainer's ``train/global_step``).
+    """
+
+    def __init__(self, histogram_every: int = 10, alerts: bool = True, alert_interval_s: float = 300.0,
+                 step_metric: str = STEP_METRIC):
+        if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
+            raise ValueError(f"`wandb_histogram_every` must be an int >= 0, got {histogram_every!r}.")
+        self.histogram_every = histogram_every
+        self.alerts = bool(alerts)
+        self.alert_interval_s = float(alert_interval_s)
+        self.step_metric = step_metric
+        self.reset()
+
+    def reset(self) -> None:
+        self._run_id: Any = None
+        self._logs = 0
+        self._events_seen = 0
+        self._rows: list[list[Any]] = []
+        self._pending_alert: list[Any] = []
+        self._last_alert = -math.inf
+        self._stop_alerted = False
+        self.series: dict[str, list[tuple[int, float]]] = {"grad_norm": [], "norm_max": [], "norm_post": [],
+                                                            "threshold": []}
+        self.logged: dict[str, int] = {"histograms": 0, "tables": 0, "alerts": 0, "charts": 0}
+
+    # ------------------------------------------------------------------ helpers
+    def _ensure(self, run: Any) -> None:
+        if self._run_id != id(run):
+            self._run_id = id(run)
+            try:
+                define_metrics(run, self.step_metric)
+            except Exception:  # an old wandb without step_sync/summary: the default x axis still works
+                pass
+
+    def _log(self, run: Any, step: int, data: dict[str, Any]) -> None:
+        run.log({**data, self.step_metric: step})
+
+    # ------------------------------------------------------------------ per logging step
+    def log_step(self, run: Any, step: int, metrics: dict[str, float], layer_norms: dict[str, float] | None = None,
+                 events: Sequence[Any] = (), spike_layers: Sequence[tuple[str, float]] = (),
+                 stop_reason: str | None = None, threshold_base: Any = None, action: str = "tighten") -> None:
+        """One logging step: ``metrics`` as the runner computed them (already in the Trainer's logs),
+        ``layer_norms`` every measured layer's pre-clip norm (for the histogram), ``events`` every
+        spike event read so far (new ones since the last call become alerts and table rows),
+        ``spike_layers`` the top layers of the window's last spike step."""
+        import wandb
+
+        self._ensure(run)
+        self._logs += 1
+        for key, name in (("grad_norm", "grad_norm"), ("gradclip/norm_max", "norm_max"),
+                          ("gradclip/norm_post", "norm_post"), ("gradclip/threshold", "threshold")):
+            value = _finite(metrics.get(key))
+            if value is not None:
+                self.series[name].append((step, value))
+        extra: dict[str, Any] = {}
+        if layer_norms and self.histogram_every and (self._logs - 1) % self.histogram_every == 0:
+            values = [v for v in layer_norms.values() if math.isfinite(v)]
+            if values:
+                extra[f"{SECTION}/layer_norms"] = wandb.Histogram(values, num_bins=min(64, max(4, len(values))))
+                self.logged["histograms"] += 1
+        new = list(events[self._events_seen:])
+        self._events_seen = len(events)
+        if new:
+            top = ", ".join(f"{n}={v:.3g}" for n, v in spike_layers)
+            for i, event in enumerate(new):
+                kind = ("nonfinite" if not math.isfinite(event.loss) else
+                        "+".join(k for k, f in (("loss", event.loss_spike), ("norm", event.norm_spike)) if f))
+                self._rows.append([event.step, kind or "loss", _finite(event.loss), _finite(event.loss_baseline),
+                                   _finite(event.loss_z), _finite(event.norm), _finite(event.norm_baseline),
+                                   _finite(event.norm_z), event.factor_before, event.factor_after,
+                                   top if i == len(new) - 1 else ""])
+            self._rows = self._rows[-MAX_TABLE_ROWS:]
+            extra[f"{SECTION}/spike_events"] = wandb.Table(columns=spike_table_columns(), data=list(self._rows))
+            self.logged["tables"] += 1
+            self._pending_alert.extend(new)
+        if extra:
+            self._log(run, step, extra)
+        self._alert_spikes(run, threshold_base, action)
+        if stop_reason:
+            self._alert_stop(run, stop_reason)
+
+    def _alert_spikes(self, run: Any, threshold_base: Any, action: str) -> None:
+        if not (self.alerts and self._pending_alert):
+            return
+        now = time.monotonic()
+        if now - self._last_alert < self.alert_interval_s:
+            return  # kept for the next alert
+        events, self._pending_alert = self._pending_alert, []
+        lines = [e.describe(threshold_base(e.step) if callable(threshold_base) else threshold_base, action)
+                 for e in events[:MAX_ALERT_EVENTS]]
+        if len(events) > MAX_ALERT_EVENTS:
+            lines.append(f"... and {len(events) - MAX_ALERT_EVENTS} more up to step {events[-1].step}.")
+        title = f"gradclip: {len(events)} loss spike{'s' if len(events) > 1 else ''}"
+        try:
+            run.alert(title=title, text="\n".join(lines), level="WARN", wait_duration=int(self.alert_interval_s))
+            self.logged["alerts"] += 1
+        except Exception:  # alerts need a W&B account setting online; never break training for them
+            pass
+        self._last_alert = now
+
+    def _alert_stop(self, run: Any, reason: str) -> None:
+        if not self.alerts or self._stop_alerted:
+            return
+        self._stop_alerted = True
+        try:
+            run.alert(title="gradclip: training stopped", text=reason, level="ERROR", wait_duration=0)
+            self.logged["alerts"] += 1
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ train end
+    def finish(self, run: Any, step: int, stop_reason: str | None = None) -> None:
+        """Train end: the stop alert (if not sent yet), pending spike alerts, and the run's norm chart."""
+        import wandb
+
+        self._ensure(run)
+        if self._pending_alert:
+            self._last_alert = -math.inf
+            self._alert_spikes(run, None, "tighten")
+        if stop_reason:
+            self._alert_stop(run, stop_reason)
+        series = {k: v for k, v in self.series.items() if v}
+        if not series:
+            return
+        names = {"grad_norm": "pre-clip norm (last)", "norm_max": "pre-clip norm (window max)",
+                 "norm_post": "post-clip norm", "threshold": "threshold"}
+        chart = wandb.plot.line_series(xs=[[s for s, _ in v] for v in series.values()],
+                                       ys=[[y for _, y in v] for v in series.values()],
+                                       keys=[names[k] for k in series], title="gradclip: gradient norm vs threshold",
+                                       xname=self.step_metric)
+        self._log(run, step, {f"{SECTION}/norms_over_run": chart})
+        self.logged["charts"] += 1
+
+
+# ---------------------------------------------------------------------- panel layout
+def panel_layout(layer_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The recommended W&B workspace layout for the pack's metrics, as data.
+
+    One section, ``gradclip``, top to bottom (``x`` is ``train/global_step`` everywhere):
+
+    1. **norm vs threshold**: ``train/grad_norm``, ``train/gradclip/norm_mean``, ``train/gradclip/norm_max``,
+       ``train/gradclip/norm_post`` and ``train/gradclip/threshold`` in one line plot (log y): clipping is active where the norm lines
+       cross the threshold line.
+    2. **clip rate**: ``train/gradclip/clip_rate`` (0..1): near 1 for long means the threshold is too
+       tight for the run; near 0 always means it never acts.
+    3. **spikes and skipped steps**: ``train/gradclip/spikes``, ``train/gradclip/skipped_steps``,
+       ``train/gradclip/nonfinite_steps`` as bars per logging window, next to ``train/loss``.
+    4. **spike factor and coefficient**: ``train/gradclip/spike_factor`` and ``train/gradclip/coef``.
+    5. **per-layer norms**: ``train/gradclip/layer/*`` in one line plot (the top-k layers), the
+       ``gradclip/layer_norms`` histogram, and the ``gradclip/spike_events`` table.
+    6. **over the run**: the ``gradclip/norms_over_run`` chart logged at train end.
+
+    Returns a list of sections ``{"name", "panels": [{"type", "title", "x", "y", "log_y"?}]}``;
+    :func:`create_workspace` turns it into a saved W&B workspace when ``wandb-workspaces`` is installed.
+    """
+    x = STEP_METRIC
+    layers = list(layer_keys) or ["train/gradclip/layer/*"]
+    return [{
+        "name": SECTION,
+        "panels": [
+            {"type": "line", "title": "gradient norm vs clip threshold", "x": x, "log_y": True,
+             "y": ["train/grad_norm", "train/gradclip/norm_mean", "train/gradclip/norm_max",
+                   "train/gradclip/norm_post", "train/gradclip/threshold"]},
+            {"type": "line", "title": "clip rate (fraction of steps clipped)", "x": x,
+             "y": ["train/gradclip/clip_rate"]},
+            {"type": "bar", "title": "spikes, skipped and non-finite steps per window", "x": x,
+             "y": ["train/gradclip/spikes", "train/gradclip/skipped_steps", "train/gradclip/nonfinite_steps"]},
+            {"type": "line", "title": "loss", "x": x, "y": ["train/loss"]},
+            {"type": "line", "title": "spike factor and clip coefficient", "x": x,
+             "y": ["train/gradclip/spike_factor", "train/gradclip/coef"]},
+            {"type": "line", "title": "per-layer gradient norms (top-k)", "x": x, "log_y": True, "y": layers},
+            {"type": "histogram", "title": "per-layer norm histogram", "x": x, "y": [f"{SECTION}/layer_norms"]},
+            {"type": "table", "title": "spike events", "y": [f"{SECTION}/spike_events"]},
+            {"type": "custom", "title": "norms over the run", "y": [f"{SECTION}/norms_over_run"]},
+        ],
+    }]
+
+
+def create_workspace(entity: str, project: str, name: str = "gradclip", layer_keys: Sequence[str] = ()) -> Any:
+    """Save :func:`panel_layout` as a W&B workspace view with the ``wandb-workspaces`` library
+    (``pip install wandb-workspaces``; needs a W&B login). Returns the saved workspace.
+
+    Line and bar panels become ``LinePlot``/``BarPlot``; the histogram, table and custom chart panels
+    appear by themselves in the ``gradclip`` section of an automatic workspace and are left out here.
+    """
+    try:
+        import wandb_workspaces.reports.v2 as wr
+        import wandb_workspaces.workspaces as ws
+    except ImportError as error:
+        raise ImportError("create_workspace needs the `wandb-workspaces` package (pip install wandb-workspaces); "
+                          "without it, use panel_layout() as a guide and the automatic `gradclip` section "
+                          "the run's define_metric calls give.") from error
+    sections = []
+    for section in panel_layout(layer_keys):
+        panels = []
+        for panel in section["panels"]:
+            if panel["type"] == "line":
+                panels.append(wr.LinePlot(title=panel["title"], x=panel["x"], y=list(panel["y"]),
+                                          log_y=panel.get("log_y", False)))
+            elif panel["type"] == "bar":
+                panels.append(wr.BarPlot(title=panel["title"], metrics=list(panel["y"])))
+        sections.append(ws.Section(name=section["name"], panels=panels, is_open=True))
+    workspace = ws.Workspace(entity=entity, project=project, name=name, sections=sections)
+    workspace.save()
+    return workspace

@@ -1,0 +1,77 @@
+"""GradClipTrainingArguments / ClipConfig: flags, choices, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradclip_hf.config import ClipConfig
+from gradclip_hf.core import Cosine, ZScoreClip
+
+transformers = pytest.importorskip("transformers")
+from gradclip_hf.integrations.transformers import GradClipTrainingArguments  # noqa: E402
+
+
+def parse(argv):
+    parser = transformers.HfArgumentParser(GradClipTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def test_parser_round_trip(tmp_path):
+    args = parse(["--output_dir", str(tmp_path), "--clip_strategy", "zscore", "--clip_threshold", "2.0",
+                  "--clip_schedule", "cosine", "--clip_threshold_final", "0.5", "--clip_zscore_z", "3.0",
+                  "--clip_exclude", "bias$", "norm", "--clip_include", "lora_", "--report_to", "none"])
+    assert (args.clip_strategy, args.clip_threshold, args.clip_schedule) == ("zscore", 2.0, "cosine")
+    assert args.clip_exclude == ["bias$", "norm"] and args.clip_include == ["lora_"]
+    config = args.clip_config()
+    assert config.zscore_z == 3.0 and config.threshold_final == 0.5
+    clipper = config.build(total_steps=100)
+    assert isinstance(clipper.strategy, ZScoreClip) and clipper.strategy.max_grad_norm == 2.0
+    assert clipper.schedule == Cosine(start=1.0, end=0.25, total_steps=100)
+
+
+def test_parser_help_and_choices(capsys):
+    parser = transformers.HfArgumentParser(GradClipTrainingArguments)
+    action = next(a for a in parser._actions if a.dest == "clip_strategy")
+    assert set(action.choices) == {"none", "norm", "value", "agc", "zscore", "quantile"}
+    assert "ZClip" in action.help
+    with pytest.raises(SystemExit):
+        parse(["--output_dir", "x", "--clip_strategy", "foo"])
+    err = capsys.readouterr().err
+    assert "clip_strategy" in err and "zscore" in err and "quantile" in err
+
+
+def test_threshold_defaults_to_max_grad_norm(tmp_path):
+    args = GradClipTrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.7, report_to="none")
+    assert args.clip_config().threshold == 0.7 and args.clip_config().strategy == "norm"
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(clip_strategy="foo"), r"`clip_strategy` must be one of .*'zscore'.*got 'foo'"),
+    (dict(clip_threshold=-1.0), r"`clip_threshold` must be > 0.0, got -1.0"),
+    (dict(clip_schedule="cosine"), r"`clip_threshold_final` must be a number > 0 when schedule='cosine'"),
+    (dict(clip_schedule="warmup", clip_warmup_steps=10), r"`clip_warmup_threshold`"),
+    (dict(clip_schedule="piecewise", clip_piecewise_boundaries=[5], clip_piecewise_values=[1.0]),
+     r"`clip_piecewise_values` must be len\(piecewise_boundaries\) \+ 1 = 2"),
+    (dict(clip_zscore_alpha=1.5), r"`clip_zscore_alpha` must be < 1.0, got 1.5"),
+    (dict(clip_quantile=0.0), r"`clip_quantile` must be > 0.0"),
+    (dict(clip_nonfinite="explode"), r"`clip_nonfinite` must be one of 'skip', 'zero', 'raise', 'ignore'"),
+    (dict(clip_exclude=["("]), r"`clip_exclude` must be a list of valid regular expressions"),
+    (dict(max_grad_norm=0.0), r"`clip_threshold` must be a number > 0 for clip_strategy='norm'"),
+])
+def test_validation_errors(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        GradClipTrainingArguments(output_dir=str(tmp_path), report_to="none", **options)
+
+
+def test_clip_config_errors_and_schedules():
+    with pytest.raises(ValueError, match=r"`strategy` must be one of"):
+        ClipConfig(strategy="nope")
+    with pytest.raises(ValueError, match=r"`norm_type` must be >= 1.0"):
+        ClipConfig(norm_type=0.5)
+    with pytest.raises(ValueError, match=r"run length is unknown"):
+        ClipConfig(schedule="linear", threshold_final=0.5).build(None)
+    config = ClipConfig(threshold=2.0, schedule="piecewise", piecewise_boundaries=[10], piecewise_values=[2.0, 1.0])
+    clipper = config.build(100)
+    assert clipper.scale_at(0) == 1.0 and clipper.scale_at(10) == 0.5
+    assert ClipConfig(**ClipConfig(norm_type="inf").to_dict()) == ClipConfig(norm_type=float("inf"))
