@@ -252,7 +252,8 @@ class AGC(ClipStrategy):
                 ratio.to(g.device) if isinstance(ratio, Tensor) else ratio)
             g_norm = _local_unitwise_norm(grad)
             trigger = g_norm > max_norm
-            g.copy_(torch.where(trigger, g * (max_norm / g_norm.clamp(min=TORCH_EPS)), g))
+            # one small factor per unit (1 where not triggered), then one in-place multiply: no full-size temporaries
+            g.mul_(torch.where(trigger, max_norm / g_norm.clamp(min=TORCH_EPS), torch.ones_like(g_norm)))
             clipped = clipped | trigger.any().to(clipped.device)
         norm_post = grad_norms(grads, norms.norm_type).total
         if any(is_dtensor(g) for g in grads):  # triggers are per shard: decide on the global norms

@@ -213,9 +213,12 @@ def test_nonfinite_skip_keeps_statistics_of_every_group(tiny_lm, grads_filler):
     assert clipper.state_dict() == state
 
 
-def test_nonfinite_zero_zeroes_all_grads(tiny_lm, grads_filler):
-    _nan_model(tiny_lm, grads_filler)
-    report = GradClipper(NormClip(1.0), nonfinite="zero").clip_(tiny_lm, step=0)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("strategy", [NormClip(1.0), ValueClip(0.1)], ids=["norm", "value"])
+def test_nonfinite_zero_zeroes_all_grads(tiny_lm, grads_filler, bad, strategy):
+    # ValueClip clamps an Inf to a finite value: the zeroing must not depend on what the strategy did
+    _nan_model(tiny_lm, grads_filler, bad)
+    report = GradClipper(strategy, nonfinite="zero").clip_(tiny_lm, step=0)
     assert bool(report.nonfinite) and not bool(report.skip)
     for name, g in grads_by_name(tiny_lm).items():
         assert torch.equal(g, torch.zeros_like(g)), name

@@ -320,6 +320,28 @@ def test_deepspeed_detection():
         ClipRunner(ClipConfig(strategy="norm", threshold=0.5)).setup(fake_deepspeed_trainer(1.0), args, state)
 
 
+@pytest.mark.parametrize("version, distributed, raises", [(1, "FSDP", True), (2, "FSDP", False),
+                                                           (1, "MULTI_CPU", False)])
+def test_fsdp1_rejected_at_train_start(version, distributed, raises):
+    # FSDP1 gradients are flat local shards: per-rank norms would differ. A plugin accelerate did not
+    # apply (MULTI_CPU: it runs plain DDP) is not FSDP.
+    from accelerate.utils import DistributedType
+
+    from gradclip_hf.config import ClipConfig
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType(distributed),
+                                  state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+    trainer = SimpleNamespace(is_deepspeed_enabled=False, accelerator=accelerator)
+    args, state = SimpleNamespace(max_grad_norm=0.0), SimpleNamespace(max_steps=10)
+    runner = ClipRunner(ClipConfig(strategy="zscore"))
+    if raises:
+        with pytest.raises(ValueError, match=r"FSDP1 .*Use FSDP2: fsdp_config=\{'version': 2\}"):
+            runner.setup(trainer, args, state)
+    else:
+        runner.setup(trainer, args, state)
+        assert runner.active
+
+
 def test_two_clippers_on_one_trainer_rejected(tmp_path, dataset):
     trainer = GradClipTrainer(model=tiny_llama(0), args=make_args(tmp_path, max_steps=1), train_dataset=dataset,
                               callbacks=[GradClipCallback()])

@@ -1,10 +1,10 @@
 """Every private Trainer / accelerate / torch detail the integration relies on, in ONE place.
 
-Verified against transformers 5.23.0 and 4.57.1 (accelerate 1.15, torch 2.13): read in both sources, and
-``tests/integration`` passes on both (4.57.1 run in a scratch virtualenv; not in CI yet).
+Verified against transformers 5.23.0 and 4.57.6 (accelerate 1.15, torch 2.13): read in both sources, and
+``tests/integration`` runs on both in CI (``make test``: ``.venv`` and ``.venv-tf4``).
 
 =====================================  ==========  =========  =================================================
-name                                   5.23.0      4.57.1     how we use it
+name                                   5.23.0      4.57.6     how we use it
 =====================================  ==========  =========  =================================================
 ``Trainer.training_step(model, inputs,  yes         yes        overridden (mixin) / wrapped on the instance
 num_items_in_batch=None)``                                      (callback): sum of its returns over one optimizer
@@ -132,8 +132,11 @@ def deepspeed_clipping(trainer: Any) -> float | None:
 
 
 def fsdp_version(trainer: Any) -> int | None:
-    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
-    if plugin is None:
+    """1 or 2 when the Trainer's model is sharded by accelerate's FSDP plugin, else ``None`` (accelerate
+    keeps a given plugin but runs plain DDP where it cannot shard, e.g. on CPU: that is not FSDP)."""
+    accelerator = getattr(trainer, "accelerator", None)
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    if plugin is None or getattr(getattr(accelerator, "distributed_type", None), "value", None) != "FSDP":
         return None
     return int(getattr(plugin, "fsdp_version", 1))
 

@@ -137,8 +137,11 @@ class ClipRunner:
             self._setup_deepspeed(trainer)
             return
         if trainer is not None and compat.fsdp_version(trainer) == 1:
-            warn_once("fsdp1", f"{self.owner}: FSDP1 shards flat parameters: norms are computed per shard. "
-                      "Use FSDP2 (fsdp_config={'version': 2}), whose DTensor gradients give global norms.")
+            raise ValueError(
+                f"{self.owner}: FSDP1 (fsdp_version 1) shards flattened parameters into plain tensors, so each rank "
+                f"would measure only its own shard and ranks would clip differently. Use FSDP2: "
+                f"fsdp_config={{'version': 2}} in TrainingArguments (transformers 5.x), or fsdp_version: 2 in the "
+                f"accelerate config (FSDP_VERSION=2), whose DTensor gradients give the global norm; DDP works too.")
         max_grad_norm = getattr(args, "max_grad_norm", 0.0) or 0.0
         if max_grad_norm > 0:
             if warn_max_grad_norm:
