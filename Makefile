@@ -29,14 +29,14 @@ $(STAMP_TF4): setup.py setup.cfg
 
 install: $(STAMP)
 
-# the whole suite on the newest transformers, then the Trainer integration tests on 4.57
+# the whole suite on the newest transformers, then the Trainer integration and logging tests on 4.57
 test: test-main test-tf4
 
 test-main: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-tf4: $(STAMP_TF4)
-	$(VENV_TF4)/bin/python -m pytest tests/integration -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV_TF4)/bin/python -m pytest tests/integration tests/logging -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	WANDB_MODE=offline $(PY) -m gradclip_hf demo $(DEMO_ARGS)

@@ -1,7 +1,7 @@
 """Every private Trainer / accelerate / torch detail the integration relies on, in ONE place.
 
 Verified against transformers 5.23.0 and 4.57.6 (accelerate 1.15, torch 2.13): read in both sources, and
-``tests/integration`` runs on both in CI (``make test``: ``.venv`` and ``.venv-tf4``).
+``tests/integration`` and ``tests/logging`` run on both in CI (``make test``: ``.venv`` and ``.venv-tf4``).
 
 =====================================  ==========  =========  =================================================
 name                                   5.23.0      4.57.6     how we use it
