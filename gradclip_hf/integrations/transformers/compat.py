@@ -134,9 +134,11 @@ def deepspeed_clipping(trainer: Any) -> float | None:
 def fsdp_version(trainer: Any) -> int | None:
     """1 or 2 when the Trainer's model is sharded by accelerate's FSDP plugin, else ``None`` (accelerate
     keeps a given plugin but runs plain DDP where it cannot shard, e.g. on CPU: that is not FSDP)."""
+    from accelerate.utils import DistributedType
+
     accelerator = getattr(trainer, "accelerator", None)
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
-    if plugin is None or getattr(getattr(accelerator, "distributed_type", None), "value", None) != "FSDP":
+    if plugin is None or getattr(accelerator, "distributed_type", None) != DistributedType.FSDP:
         return None
     return int(getattr(plugin, "fsdp_version", 1))
 
