@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._checks import check_int, check_number
+from ._checks import OptionError, check_int, check_number
 
 __all__ = ["Schedule", "Constant", "Linear", "Cosine", "Warmup", "Piecewise"]
 
@@ -54,8 +54,8 @@ def _progress(step: int, start_step: int, total_steps: int) -> float:
 
 
 @dataclass(frozen=True)
-class Linear(Schedule):
-    """From ``start`` at step 0 to ``end`` at ``total_steps``, linearly; ``end`` after."""
+class _Ramp(Schedule):
+    """From ``start`` at step 0 to ``end`` at ``total_steps``; ``end`` after (the curve in ``_value``)."""
 
     start: float
     end: float
@@ -67,25 +67,25 @@ class Linear(Schedule):
         check_int("total_steps", self.total_steps, low=1)
 
     def __call__(self, step: int) -> float:
-        t = _progress(_check_step(step), 0, self.total_steps)
+        return self._value(_progress(_check_step(step), 0, self.total_steps))
+
+    def _value(self, t: float) -> float:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Linear(_Ramp):
+    """From ``start`` at step 0 to ``end`` at ``total_steps``, linearly; ``end`` after."""
+
+    def _value(self, t: float) -> float:
         return self.start + (self.end - self.start) * t
 
 
 @dataclass(frozen=True)
-class Cosine(Schedule):
+class Cosine(_Ramp):
     """From ``start`` at step 0 to ``end`` at ``total_steps`` along a half cosine; ``end`` after."""
 
-    start: float
-    end: float
-    total_steps: int
-
-    def __post_init__(self) -> None:
-        _positive("start", self.start)
-        _positive("end", self.end)
-        check_int("total_steps", self.total_steps, low=1)
-
-    def __call__(self, step: int) -> float:
-        t = _progress(_check_step(step), 0, self.total_steps)
+    def _value(self, t: float) -> float:
         return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
@@ -123,15 +123,17 @@ class Piecewise(Schedule):
     values: Sequence[float]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "boundaries", tuple(self.boundaries))
-        object.__setattr__(self, "values", tuple(self.values))
+        for name in ("boundaries", "values"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise OptionError(name, value, "a list")
+            object.__setattr__(self, name, tuple(value))
         for b in self.boundaries:
             check_int("boundaries", b, low=1)
         if list(self.boundaries) != sorted(set(self.boundaries)):
-            raise ValueError(f"`boundaries` must be strictly increasing, got {list(self.boundaries)}.")
+            raise OptionError("boundaries", list(self.boundaries), "strictly increasing steps")
         if len(self.values) != len(self.boundaries) + 1:
-            raise ValueError(f"`values` must have len(boundaries) + 1 = {len(self.boundaries) + 1} entries, "
-                             f"got {len(self.values)}.")
+            raise OptionError("values", list(self.values), f"len(boundaries) + 1 = {len(self.boundaries) + 1} values")
         for v in self.values:
             _positive("values", v)
 

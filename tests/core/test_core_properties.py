@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gradclip_hf import AGC, GradClipper, NormClip, QuantileClip, ValueClip, ZScoreClip
-from gradclip_hf.core.clippers import unitwise_norm
+from gradclip_hf.core.strategies import unitwise_norm
 
 SETTINGS = settings(max_examples=50, deadline=None)
 SHAPES = [(5,), (3, 4), (2, 3, 2), (1,), (6, 2)]

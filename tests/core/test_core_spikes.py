@@ -44,14 +44,21 @@ def test_spike_does_not_poison_statistics():
     after = detector.state_dict()
     assert (after["mean"], after["var"], after["count"]) == (before["mean"], before["var"], before["count"])
     spike, *_ = detector.update(torch.tensor(math.nan))
-    assert bool(spike)
+    assert not bool(spike)  # non-finite values belong to the non-finite guard, not to the detector
     assert detector.state_dict()["mean"] == before["mean"]
 
 
-def test_non_finite_is_a_spike_even_in_warmup():
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_is_neither_a_spike_nor_observed_nor_tightens(value):
     detector = SpikeDetector(warmup_steps=10)
     assert not bool(detector.update(torch.tensor(50.0))[0])  # warmup: large values are not flagged
-    assert bool(detector.update(torch.tensor(math.inf))[0])
+    before = detector.state_dict()
+    assert not bool(detector.update(torch.tensor(value))[0])
+    assert detector.state_dict() == before
+    controller = SpikeController(warmup_steps=3, detect_norm=False)
+    run_controller(controller, [2.0, 2.1, 1.9, 2.0, 2.05])
+    decision = controller.step(torch.tensor(value), torch.tensor(1.0), step=5)
+    assert not bool(decision.spike) and float(decision.factor) == 1.0
 
 
 def test_level_shift_is_adopted_after_adapt_after_spikes():
@@ -161,11 +168,13 @@ def test_events_and_message():
     controller = SpikeController(warmup_steps=5, detect_norm=False, max_events=2)
     run_controller(controller, [2.0, 2.1, 1.9, 2.0, 2.05, 2.0, 9.0, 2.0, 9.5, 2.0, 10.0])
     events, total = controller.read_events(0)
-    assert total == 3 and [e.step for e in events] == [8, 10]  # only the last max_events are kept
-    message = events[0].describe(base_threshold=1.0)
-    assert message.startswith("step 8: loss 9.5 is ") and "sigma above its mean 2." in message
+    # only the last max_events are kept; steps are numbered from 1, as train/global_step
+    assert total == 3 and [e.step for e in events] == [9, 11]
+    message = events[0].describe(base_threshold=1.0, action="skip")
+    assert message.startswith("step 9: loss 9.5 is ") and "sigma above its mean 2." in message
     # the factor relaxed for one calm step (half-life 20) before the second spike halved it
-    assert message.endswith("clip threshold 0.517 -> 0.2585 (tighten)")
+    assert message.endswith("clip threshold 0.517 -> 0.2585; update skipped")
+    assert events[0].norm_z is None and events[0].norm_baseline is None  # not measured: no norm detector
     assert controller.read_events(total) == ([], total)
 
 
@@ -185,7 +194,7 @@ def test_default_path_makes_no_host_sync():
 @pytest.mark.parametrize("kwargs, match", [
     ({"z": 0}, "`z` must be > 0"),
     ({"ratio": 1.0}, "`ratio` must be > 1"),
-    ({"warmup_steps": 1}, "`warmup_steps` must be >= 2"),
+    ({"warmup_steps": 1}, "`warmup_steps` must be an int >= 2"),
     ({"method": "median"}, "`method` must be one of 'ema', 'mad'"),
     ({"action": "pause"}, "`action` must be one of 'tighten', 'skip', 'rollback', 'stop'"),
     ({"spike_factor": 0.0}, "`spike_factor` must be > 0"),
@@ -200,13 +209,13 @@ def test_controller_validation(kwargs, match):
 
 
 def test_detector_validation_and_bad_state():
-    with pytest.raises(ValueError, match="`window` .* must be >= `warmup_steps`"):
+    with pytest.raises(ValueError, match="`window` must be >= `warmup_steps`"):
         SpikeDetector(method="mad", window=5, warmup_steps=10)
     with pytest.raises(TypeError, match="`z` must be a number"):
         SpikeDetector(z="6")
-    with pytest.raises(ValueError, match="SpikeController state needs `factor`"):
+    with pytest.raises(ValueError, match="state field `factor` must be present"):
         SpikeController().load_state_dict({"spikes": 1})
-    with pytest.raises(ValueError, match="SpikeDetector state is malformed"):
+    with pytest.raises(ValueError, match="state field `run` must be present"):
         SpikeDetector().load_state_dict({"count": 1})
     with pytest.raises(TypeError, match="`spikes` must be a SpikeController"):
         GradClipper(NormClip(), spikes="on")

@@ -1,0 +1,385 @@
+"""``GradClipper``: one call per optimizer step that measures, decides, clips and reports.
+
+It selects the parameters to clip (trainable only, exclusions, per-group strategies), computes each
+group's norms once with foreach kernels, scales the threshold by the schedule (and any factor, e.g. the
+spike controller's), guards against non-finite gradients in EVERY gradient the optimizer will apply
+(selected or not), and returns a :class:`ClipReport` of device tensors. Nothing leaves the device unless
+the caller asks (``report.to_floats()``, one transfer) or ``nonfinite="raise"`` is chosen.
+
+With ``defer=True`` a scalar strategy's multiplier is not written into the gradients: the caller hands
+``report.optimizer_coef`` to the optimizer (a fused torch optimizer divides by ``grad_scale = 1/coef`` in
+its own pass; see :mod:`gradclip_hf.integrations.optim`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, NamedTuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import OptionError, StateError, check_bool, check_choice, check_int, check_patterns
+from .norms import GradNorms, combine_norms, grad_norms, to_local
+from .schedules import Schedule
+from .spikes import SpikeController, SpikeDecision
+from .strategies import ClipOutcome, ClipStrategy, scale_grads_
+
+__all__ = ["GradClipper", "ClipGroup", "ClipReport", "NonFinitePolicy", "NonFiniteGradientError"]
+
+Parameters = Union[nn.Module, Iterable[nn.Parameter], Iterable[tuple[str, nn.Parameter]]]
+DEFAULT_GROUP = "default"
+
+
+class NonFinitePolicy(str, Enum):
+    """What to do when any gradient holds a NaN or Inf.
+
+    - ``skip``: report ``skip=True``: the update must not be applied (the integrations skip it inside the
+      optimizer step; a hand-written loop checks ``report.skip``).
+    - ``zero``: zero all gradients of the step (no host sync; the optimizer still steps, so momentum and
+      weight decay still move the weights).
+    - ``raise``: raise :class:`NonFiniteGradientError` before any gradient is changed (one host read per step).
+    - ``ignore``: do nothing (e.g. fp16 with a GradScaler, which skips such steps itself).
+    """
+
+    SKIP = "skip"
+    ZERO = "zero"
+    RAISE = "raise"
+    IGNORE = "ignore"
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient held a NaN or Inf and ``nonfinite="raise"`` was chosen."""
+
+
+@dataclass(frozen=True)
+class ClipGroup:
+    """Parameters whose name matches one of ``patterns`` (regular expressions, ``re.search``), clipped with
+    their own ``strategy`` (own threshold, own statistics). Example: ``ClipGroup("embeddings", [r"embed_tokens"],
+    NormClip(5.0))``."""
+
+    name: str
+    patterns: Sequence[str]
+    strategy: ClipStrategy
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name == DEFAULT_GROUP:
+            raise OptionError("name", self.name, f"a non-empty string other than {DEFAULT_GROUP!r}")
+        patterns = check_patterns("patterns", self.patterns)
+        if not patterns:
+            raise OptionError("patterns", self.patterns, "a non-empty list of regular expressions")
+        object.__setattr__(self, "patterns", tuple(patterns))
+        if not isinstance(self.strategy, ClipStrategy):
+            raise OptionError("strategy", self.strategy, "a ClipStrategy")
+
+
+@dataclass
+class ClipReport:
+    """What :meth:`GradClipper.clip_` did at one step. Tensors are 0-dim and on the device.
+
+    Attributes:
+        step: optimizer steps done before this one (what drives the schedule).
+        norm / norm_post: pre- and post-clip norm of all measured gradients.
+        threshold: threshold of the default group (after schedule and factor); coef: its post/pre ratio.
+        clipped: whether any group was clipped.
+        nonfinite: whether any gradient (measured or not) held a NaN or Inf.
+        skip: whether the update must be skipped (``nonfinite`` under the ``skip`` policy).
+        scale: schedule value times factor, the multiplier of the strategies' thresholds.
+        names / per_tensor_norms: the measured parameters and their pre-clip norms (1-dim).
+        groups: each group's :class:`ClipOutcome`; spike: the :class:`SpikeDecision` (``None`` without one).
+        optimizer_coef: with ``defer=True`` and a scalar strategy, the multiplier NOT yet applied to the
+            gradients (finite and > 0, 1 on non-finite steps), for the optimizer; else ``None``.
+    """
+
+    step: int
+    norm: Tensor
+    norm_post: Tensor
+    threshold: Tensor
+    coef: Tensor
+    clipped: Tensor
+    nonfinite: Tensor
+    skip: Tensor
+    scale: Tensor
+    names: list[str]
+    per_tensor_norms: Tensor
+    groups: dict[str, ClipOutcome] = field(default_factory=dict)
+    spike: SpikeDecision | None = None
+    optimizer_coef: Tensor | None = None
+
+    SCALARS = ("norm", "norm_post", "threshold", "coef", "clipped", "nonfinite", "skip", "scale")
+
+    def to_floats(self) -> dict[str, float]:
+        """The scalar fields as Python floats, in one device-to-host transfer."""
+        values = torch.stack([getattr(self, k).detach().to(torch.float64).reshape(()) for k in self.SCALARS])
+        return dict(zip(self.SCALARS, values.tolist()))
+
+
+class _Measured(NamedTuple):
+    group: str
+    strategy: ClipStrategy
+    names: list[str]
+    params: list[nn.Parameter]
+    grads: list[Tensor]
+    norms: GradNorms
+
+
+class _Selection(NamedTuple):
+    groups: dict[str, list[tuple[str, nn.Parameter]]]
+    others: list[nn.Parameter]  # not measured nor clipped, but guarded against NaN/Inf
+
+
+def _named(parameters: Parameters) -> list[tuple[str, nn.Parameter]]:
+    if isinstance(parameters, nn.Module):
+        return list(parameters.named_parameters())
+    if isinstance(parameters, Tensor):
+        return [("param_0", parameters)]
+    items = list(parameters)
+    if items and isinstance(items[0], tuple):
+        return [(str(n), p) for n, p in items]
+    return [(f"param_{i}", p) for i, p in enumerate(items)]
+
+
+def _zero_if_(condition: Tensor, grads: list[Tensor]) -> None:
+    """Zero every gradient where the 0-dim bool ``condition`` holds, without a host sync: ``nan_to_num_``
+    clears NaN/Inf (a multiply alone keeps ``NaN * 0``), then a foreach multiply by 0/1 (bit-exact when 1)."""
+    for g in grads:
+        to_local(g).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    scale_grads_(grads, (~condition).to(torch.float32))
+
+
+class GradClipper:
+    """Clip gradients once per optimizer step with a strategy, a schedule and parameter groups.
+
+    Args:
+        strategy: the strategy of the default group (every selected parameter not in a ``groups`` entry).
+        schedule: multiplier of every threshold as a function of the step; ``None`` for 1.0.
+        groups: :class:`ClipGroup` entries; a parameter goes to the first group whose pattern matches.
+        exclude: regular expressions (``re.search`` on parameter names); matching parameters are neither
+            measured nor clipped (still guarded against NaN/Inf), e.g. ``[r"bias$", r"norm", r"embed"]``.
+        include: if given (non-empty), only parameters matching one of these are measured and clipped.
+        trainable_only: only parameters with ``requires_grad`` (LoRA adapters under PEFT).
+        nonfinite: a :class:`NonFinitePolicy` value.
+        spikes: a :class:`SpikeController`; its factor multiplies every threshold, spike steps stay out of
+            adaptive statistics, and ``clip_`` then takes the step ``loss``.
+        foreach: passed to the norm computation (``None``: foreach kernels where supported).
+
+    Example::
+
+        clipper = GradClipper(ZScoreClip(z_thresh=2.5), schedule=Cosine(1.0, 0.3, total_steps=1000))
+        for step, batch in enumerate(loader):
+            model(**batch).loss.backward()
+            report = clipper.clip_(model, step=step)
+            if not report.skip.item():       # a host read; only needed with nonfinite="skip"
+                optimizer.step()
+            optimizer.zero_grad()
+    """
+
+    def __init__(self, strategy: ClipStrategy, schedule: Schedule | None = None, *,
+                 groups: Sequence[ClipGroup] = (), exclude: Sequence[str] = (),
+                 include: Sequence[str] | None = None, trainable_only: bool = True,
+                 nonfinite: str | NonFinitePolicy = NonFinitePolicy.SKIP, spikes: SpikeController | None = None,
+                 foreach: bool | None = None):
+        if not isinstance(strategy, ClipStrategy):
+            raise OptionError("strategy", strategy, "a ClipStrategy (NormClip, ValueClip, AGC, ZScoreClip, "
+                              "QuantileClip, MeasureOnly)")
+        if schedule is not None and not callable(schedule):
+            raise OptionError("schedule", schedule, "a Schedule, a callable step -> float, or None")
+        self.strategy, self.schedule = strategy, schedule
+        self.groups = tuple(groups)
+        self._check_groups()
+        self.exclude = tuple(check_patterns("exclude", exclude))
+        self.include = None if include is None else tuple(check_patterns("include", include, nonempty=True))
+        self._exclude = [re.compile(p) for p in self.exclude]
+        self._include = None if self.include is None else [re.compile(p) for p in self.include]
+        self._group_patterns = [(g.name, [re.compile(p) for p in g.patterns]) for g in self.groups]
+        self.trainable_only = check_bool("trainable_only", trainable_only)
+        self.nonfinite = check_choice("nonfinite", nonfinite, NonFinitePolicy)
+        if spikes is not None and not isinstance(spikes, SpikeController):
+            raise OptionError("spikes", spikes, "a SpikeController or None")
+        self.spikes = spikes
+        self.foreach = foreach
+        self._selection_key: tuple[Any, ...] | None = None
+        self._selection: _Selection | None = None
+
+    def _check_groups(self) -> None:
+        for group in self.groups:
+            if not isinstance(group, ClipGroup):
+                raise OptionError("groups", group, "a list of ClipGroup entries")
+            if group.strategy.norm_type != self.strategy.norm_type:
+                raise OptionError("groups", group.name, f"groups with the default strategy's norm_type "
+                                  f"({self.strategy.norm_type}), not {group.strategy.norm_type}")
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise OptionError("groups", names, "groups with unique names")
+
+    # ----------------------------------------------------------------- parameter selection
+    def _group_of(self, name: str, param: nn.Parameter) -> str | None:
+        if self.trainable_only and not param.requires_grad:
+            return None
+        if self._include is not None and not any(p.search(name) for p in self._include):
+            return None
+        if any(p.search(name) for p in self._exclude):
+            return None
+        return next((g for g, pats in self._group_patterns if any(p.search(name) for p in pats)), DEFAULT_GROUP)
+
+    def select(self, parameters: Parameters) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Map each group name (``"default"`` last) to its ``(name, parameter)`` list."""
+        return self._select(parameters).groups
+
+    def _select(self, parameters: Parameters) -> _Selection:
+        named = _named(parameters)
+        key = tuple((id(p), p.requires_grad) for _, p in named)  # (un)freezing changes the selection
+        if key != self._selection_key:
+            groups: dict[str, list[tuple[str, nn.Parameter]]] = {g.name: [] for g in self.groups}
+            groups[DEFAULT_GROUP] = []
+            others = []
+            for name, param in named:
+                group = self._group_of(name, param)
+                (groups[group].append((name, param)) if group is not None else others.append(param))
+            self._selection_key, self._selection = key, _Selection(groups, others)
+        return self._selection
+
+    def strategy_of(self, group: str) -> ClipStrategy:
+        return self.strategy if group == DEFAULT_GROUP else next(g.strategy for g in self.groups if g.name == group)
+
+    def scale_at(self, step: int) -> float:
+        """The schedule's multiplier at ``step`` (1.0 without a schedule)."""
+        return 1.0 if self.schedule is None else float(self.schedule(step))
+
+    def base_threshold(self, step: int) -> float | None:
+        """The default strategy's threshold times the schedule at ``step``, for fixed-threshold strategies."""
+        base = self.strategy.base_threshold
+        return None if base is None else base * self.scale_at(step)
+
+    # ----------------------------------------------------------------- the step
+    def _measure(self, selection: _Selection) -> tuple[list[_Measured], list[Tensor]]:
+        measured = []
+        for group, named in selection.groups.items():
+            pairs = [(n, p) for n, p in named if p.grad is not None]
+            if pairs:
+                strategy = self.strategy_of(group)
+                grads = [p.grad for _, p in pairs]
+                measured.append(_Measured(group, strategy, [n for n, _ in pairs], [p for _, p in pairs], grads,
+                                          grad_norms(grads, strategy.norm_type, self.foreach)))
+        if not measured:
+            raise ValueError("No selected parameter has a gradient: call clip_() after backward(), and check "
+                             "`include`/`exclude`/`trainable_only` (they selected none of the parameters).")
+        return measured, [p.grad for p in selection.others if p.grad is not None]
+
+    @staticmethod
+    def _nonfinite(norm: Tensor, others: list[Tensor]) -> Tensor:
+        nonfinite = ~torch.isfinite(norm)
+        if others:  # the max-abs norm of the rest: NaN/Inf propagate, large finite values cannot overflow
+            nonfinite = nonfinite | ~torch.isfinite(grad_norms(others, float("inf")).total.to(norm.device))
+        return nonfinite
+
+    def _raise_if(self, nonfinite: Tensor, norm: Tensor, step: int) -> None:
+        if self.nonfinite is NonFinitePolicy.RAISE and bool(nonfinite):  # host read: this policy's price
+            raise NonFiniteGradientError(
+                f"step {step}: a gradient holds NaN or Inf (the measured norm is {norm.item()}); no gradient was "
+                f"changed. Pass nonfinite='skip' to skip such steps, 'zero' to zero their gradients, or 'ignore' "
+                f"to leave them to a GradScaler.")
+
+    @torch.no_grad()
+    def clip_(self, parameters: Parameters, step: int, *, loss: Tensor | None = None,
+              factor: float | Tensor = 1.0, observe: Tensor | None = None, defer: bool = False) -> ClipReport:
+        """Measure and clip the gradients of ``parameters``, after backward (and after unscaling fp16
+        gradients), once per optimizer step.
+
+        Args:
+            parameters: a module, parameters, or ``(name, parameter)`` pairs.
+            step: optimizer steps done before this one (drives the schedule).
+            loss: the step loss (0-dim tensor, mean over micro-batches) for the spike controller.
+            factor: extra multiplier of the thresholds, float or 0-dim tensor.
+            observe: 0-dim bool tensor; False keeps this step out of adaptive statistics.
+            defer: leave a scalar strategy's multiplier out of the gradients (``report.optimizer_coef``), when
+                one group measures every gradient; otherwise (or ``False``) clip in place.
+
+        Raises:
+            ValueError: no selected parameter has a gradient.
+            NonFiniteGradientError: a NaN/Inf gradient under ``nonfinite="raise"`` (gradients untouched).
+        """
+        check_int("step", step, low=0)
+        measured, others = self._measure(self._select(parameters))
+        norm = combine_norms([m.norms.total for m in measured], self.strategy.norm_type)
+        nonfinite = self._nonfinite(norm, others)
+        self._raise_if(nonfinite, norm, step)
+        observe = ~nonfinite if observe is None else observe & ~nonfinite
+        decision = None
+        if self.spikes is not None:
+            decision = self.spikes.step(loss, norm, step)
+            factor = decision.factor * factor
+            observe = observe & ~decision.spike
+        scale = self.scale_at(step) * factor
+        deferring = defer and len(measured) == 1 and measured[0].strategy.scalar and not others
+        outcomes = {m.group: self._clip_group(m, scale, observe, deferring) for m in measured}
+        if self.nonfinite is NonFinitePolicy.ZERO:
+            _zero_if_(nonfinite, [g for m in measured for g in m.grads] + others)
+        return self._report(step, norm, nonfinite, scale, measured, outcomes, decision, deferring)
+
+    @staticmethod
+    def _clip_group(m: _Measured, scale: float | Tensor, observe: Tensor, deferring: bool) -> ClipOutcome:
+        if not m.strategy.scalar:
+            return m.strategy.clip_(m.grads, m.norms, scale=scale, observe=observe,
+                                    params=m.params if m.strategy.needs_params else None, names=m.names)
+        outcome = m.strategy.plan(m.norms, scale=scale, observe=observe)
+        if not deferring:
+            m.strategy.apply_(m.grads, outcome)
+        return outcome
+
+    def _report(self, step: int, norm: Tensor, nonfinite: Tensor, scale: float | Tensor, measured: list[_Measured],
+                outcomes: dict[str, ClipOutcome], decision: SpikeDecision | None, deferring: bool) -> ClipReport:
+        device = norm.device
+        main = outcomes.get(DEFAULT_GROUP, next(iter(outcomes.values())))
+        per_tensor = [m.norms.per_tensor.to(device) for m in measured]
+        optimizer_coef = None
+        if deferring:
+            coef = main.coef.to(torch.float32)
+            optimizer_coef = torch.where(nonfinite | ~(coef > 0), torch.ones_like(coef), coef)
+        skip = nonfinite if self.nonfinite is NonFinitePolicy.SKIP else torch.zeros_like(nonfinite)
+        return ClipReport(
+            step=step, norm=norm, nonfinite=nonfinite, skip=skip,
+            norm_post=combine_norms([o.norm_post for o in outcomes.values()], self.strategy.norm_type),
+            threshold=main.threshold, coef=main.coef,
+            clipped=torch.stack([o.clipped.to(device) for o in outcomes.values()]).any(),
+            scale=scale.to(device=device, dtype=torch.float32) if isinstance(scale, Tensor)
+            else torch.full((), scale, device=device),
+            names=[n for m in measured for n in m.names],
+            per_tensor_norms=per_tensor[0] if len(per_tensor) == 1 else torch.cat(per_tensor),
+            groups=outcomes, spike=decision, optimizer_coef=optimizer_coef)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state of every group's strategy and of the spike controller."""
+        state = {DEFAULT_GROUP: self.strategy.state_dict()}
+        state.update({g.name: g.strategy.state_dict() for g in self.groups})
+        return {"strategies": state, "spikes": self.spikes.state_dict() if self.spikes is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; raises :class:`StateError` naming a field that does not
+        fit this clipper (a different strategy, groups or spike settings)."""
+        strategies = state.get("strategies") if isinstance(state, dict) else None
+        expected = {DEFAULT_GROUP, *(g.name for g in self.groups)}
+        if not isinstance(strategies, dict) or set(strategies) != expected:
+            got = sorted(strategies) if isinstance(strategies, dict) else strategies
+            raise StateError("strategies", got, f"a dict with the groups {sorted(expected)}")
+        for group, strategy_state in strategies.items():
+            try:
+                self.strategy_of(group).load_state_dict(strategy_state)
+            except StateError as error:
+                raise error.within(f"strategies.{group}") from None
+            except ValueError as error:  # a state of another kind of strategy
+                raise StateError(f"strategies.{group}", strategy_state, f"a state of "
+                                 f"{type(self.strategy_of(group)).__name__} ({error})") from None
+        if self.spikes is not None:
+            try:
+                self.spikes.load_state_dict(state.get("spikes") or {})
+            except StateError as error:
+                raise error.within("spikes") from None
+
+    def __repr__(self) -> str:
+        return (f"GradClipper(strategy={self.strategy!r}, schedule={self.schedule!r}, groups={list(self.groups)!r}, "
+                f"exclude={self.exclude!r}, include={self.include!r}, nonfinite={self.nonfinite.value!r})")
