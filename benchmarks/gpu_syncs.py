@@ -6,11 +6,12 @@ What it measures (needs a CUDA device; on a machine without one it says so and e
    controller, and with every ``nonfinite`` policy, run under ``torch.cuda.set_sync_debug_mode("error")``:
    the core must never sync (``nonfinite="raise"`` is the one documented exception). A configuration
    that raises is reported with the error.
-2. The Trainer integration's per-step path (``ClipRunner.clip_step`` with a real ``torch.optim.AdamW``,
-   the code that ``GradClipTrainer``/``GradClipCallback`` run in ``on_pre_optimizer_step``), under
-   ``set_sync_debug_mode("warn")``, counting the sync warnings per step after two warm-up steps.
-   Expected by design: 0 with ``nonfinite`` zero/ignore and ``spike_action="tighten"``; 1 (one flag
-   read) with ``nonfinite="skip"`` (the default) or ``spike_action`` skip/rollback/stop.
+2. The Trainer integration's per-step path (``ClipRun.step`` then ``optimizer.step()`` of a real AdamW,
+   fused and foreach: what ``GradClipTrainer``/``GradClipCallback`` run in ``on_pre_optimizer_step`` and the
+   Trainer right after), under ``set_sync_debug_mode("warn")``, counting the sync warnings per step after two
+   warm-up steps. Expected by design: 0 for ``tighten``/``skip`` and ``nonfinite="skip"`` on the fused
+   AdamW (the decision travels to the optimizer as a device tensor); 1 (one stacked flag read) for
+   ``rollback``/``stop``, and for skips on the foreach AdamW.
 3. The reference: ``torch.nn.utils.clip_grad_norm_`` (0 syncs).
 
     python benchmarks/gpu_syncs.py --out benchmarks/results/gpu_syncs
@@ -47,18 +48,14 @@ CORE_CONFIGS: dict[str, dict[str, Any]] = {
     "norm nonfinite=ignore": dict(strategy="norm", threshold=1.0, nonfinite="ignore"),
     "norm nonfinite=raise": dict(strategy="norm", threshold=1.0, nonfinite="raise"),
 }
-RUNNER_CONFIGS: dict[str, dict[str, Any]] = {
+RUNNER_CONFIGS: dict[str, Any] = {
     "norm (nonfinite=skip, default)": dict(strategy="norm", threshold=1.0),
     "norm nonfinite=zero": dict(strategy="norm", threshold=1.0, nonfinite="zero"),
-    "zscore nonfinite=zero + spike tighten": dict(strategy="zscore", threshold=1.0, nonfinite="zero",
-                                                  spike_detection="loss"),
-    "zscore + spike skip (recommended)": "recommended",
-    "zscore nonfinite=zero + spike skip": dict(strategy="zscore", threshold=1.0, nonfinite="zero",
-                                               spike_detection="loss", spike_action="skip"),
-    "zscore nonfinite=zero + spike rollback": dict(strategy="zscore", threshold=1.0, nonfinite="zero",
-                                                   spike_detection="loss", spike_action="rollback"),
-    "zscore nonfinite=zero + spike stop": dict(strategy="zscore", threshold=1.0, nonfinite="zero",
-                                               spike_detection="loss", spike_action="stop"),
+    "zscore + spike tighten": dict(strategy="zscore", threshold=1.0, spike_detection="loss"),
+    "recommended (zscore + spike skip)": "recommended",
+    "zscore + spike rollback": dict(strategy="zscore", threshold=1.0, spike_detection="loss",
+                                    spike_action="rollback"),
+    "zscore + spike stop": dict(strategy="zscore", threshold=1.0, spike_detection="loss", spike_action="stop"),
 }
 
 
@@ -130,30 +127,31 @@ def check_core(device, steps, sync_checks) -> dict[str, dict[str, Any]]:
 
 
 def check_runner(device, steps, sync_checks) -> dict[str, dict[str, Any]]:
-    from gradclip_hf.integrations.transformers.runner import ClipRunner
+    from gradclip_hf.integrations.transformers.run import ClipRun
 
     out = {}
     for name, spec in RUNNER_CONFIGS.items():
-        model = small_model(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        runner = ClipRunner(config=config_of(spec))
-        runner.setup(None, types.SimpleNamespace(max_grad_norm=0.0),
-                     types.SimpleNamespace(max_steps=steps, global_step=0, log_history=[]))
-        counts, where = [], set()
-        for step in range(steps):
-            loss = backward(model, device, step)
-            runner.add_loss(loss)
-            with SyncCounter(sync_checks and step >= 2) as counter:
-                runner.clip_step(model, step, optimizer, control=types.SimpleNamespace(should_training_stop=False),
-                                 state=types.SimpleNamespace(max_steps=steps, global_step=step, log_history=[]))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if step >= 2:
-                counts.append(counter.count)
-                where.update(counter.where)
-        runner.teardown(None)
-        out[name] = {"syncs_per_step": max(counts) if counts else 0, "min_per_step": min(counts) if counts else 0,
-                     "where": sorted(where)}
+        for fused in (True, False):
+            model = small_model(device)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused, foreach=None if fused else True)
+            state = types.SimpleNamespace(max_steps=steps, global_step=0, log_history=[])
+            run = ClipRun(config_of(spec), None, args=types.SimpleNamespace(max_grad_norm=0.0), state=state,
+                          optimizer=optimizer, owner="gpu_syncs")
+            counts, where = [], set()
+            for step in range(steps):
+                state.global_step = step
+                run.loss.add(backward(model, device, step))
+                with SyncCounter(sync_checks and step >= 2) as counter:
+                    run.step(model, state, optimizer)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if step >= 2:
+                    counts.append(counter.count)
+                    where.update(counter.where)
+            run.close()
+            out[f"{name}, {'fused' if fused else 'foreach'} AdamW"] = {
+                "syncs_per_step": max(counts) if counts else 0, "min_per_step": min(counts) if counts else 0,
+                "where": sorted(where)}
     # the reference
     model = small_model(device)
     counts = []
@@ -179,7 +177,7 @@ def markdown(result: dict[str, Any]) -> str:
              "|---|---|---|"]
     for name, r in result["core"].items():
         lines.append(f"| {name} | {'yes' if r['syncs'] else 'no'} | {r['raised'] or ''} |")
-    lines += ["", "## ClipRunner.clip_step + AdamW.step under set_sync_debug_mode('warn')", "",
+    lines += ["", "## ClipRun.step + AdamW.step under set_sync_debug_mode('warn')", "",
               "| configuration | syncs per step | where |", "|---|---|---|"]
     for name, r in result["runner"].items():
         lines.append(f"| {name} | {r['syncs_per_step']} | {', '.join(r['where'])} |")

@@ -43,10 +43,10 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "agc": dict(clip_strategy="agc", clip_threshold=0.05),
     "zscore": dict(clip_strategy="zscore", clip_threshold=1.0),
     "quantile": dict(clip_strategy="quantile"),
-    "zscore+spike_tighten": dict(clip_strategy="zscore", clip_threshold=1.0, spike_detection="loss"),
+    "zscore+spike_tighten": dict(clip_strategy="zscore", clip_threshold=1.0, clip_spike_detection="loss"),
     "recommended": "recommended",  # ClipConfig.recommended(): zscore + spike skip
-    "zscore+spike_rollback": dict(clip_strategy="zscore", clip_threshold=1.0, spike_detection="loss",
-                                  spike_action="rollback"),
+    "zscore+spike_rollback": dict(clip_strategy="zscore", clip_threshold=1.0, clip_spike_detection="loss",
+                                  clip_spike_action="rollback"),
 }
 TARGETS = {"norm": 1.02, "zscore+spike_tighten": 1.05, "recommended": 1.05}
 LOG_TARGET = 1.05  # per-layer logging, at logging steps (log-cycle ratio)

@@ -92,13 +92,13 @@ METHODS: dict[str, tuple[str, Any]] = {
     "autoclip 0.2.1 (q=0.9)": ("peer", autoclip_callback),
     "pack zscore": _pack(clip_strategy="zscore", clip_threshold=1.0),
     "pack quantile (q=0.9)": _pack(clip_strategy="quantile"),
-    "pack norm+spike tighten": _pack(clip_strategy="norm", clip_threshold=1.0, spike_detection="loss",
-                                     spike_action="tighten"),
-    "pack norm+spike skip": _pack(clip_strategy="norm", clip_threshold=1.0, spike_detection="loss",
-                                  spike_action="skip"),
+    "pack norm+spike tighten": _pack(clip_strategy="norm", clip_threshold=1.0, clip_spike_detection="loss",
+                                     clip_spike_action="tighten"),
+    "pack norm+spike skip": _pack(clip_strategy="norm", clip_threshold=1.0, clip_spike_detection="loss",
+                                  clip_spike_action="skip"),
     "recommended (zscore+spike skip)": ("pack", "recommended"),
-    "pack zscore+spike rollback": _pack(clip_strategy="zscore", clip_threshold=1.0, spike_detection="loss",
-                                        spike_action="rollback", spike_snapshot_every=25),
+    "pack zscore+spike rollback": _pack(clip_strategy="zscore", clip_threshold=1.0, clip_spike_detection="loss",
+                                        clip_spike_action="rollback", clip_spike_snapshot_every=25),
 }
 DEFAULT_METHODS = list(METHODS)
 SHORT = {"none": "none", "stock": "stock max_grad_norm=1", "zclip": "zclip 1.0.0",
@@ -176,7 +176,7 @@ def run(method: str, seed: int, opts, train, held_out, tmp: str) -> dict[str, An
         if "loss" in h and "step" in h and 1 <= h["step"] <= opts.steps:
             loss[h["step"] - 1] = float(h["loss"])
             grad_norm[h["step"] - 1] = float(h.get("grad_norm", math.nan))
-    skipped = getattr(getattr(trainer, "clip_runner", None), "skipped_steps", 0)
+    skipped = getattr(getattr(trainer, "clip_run", None), "skipped_steps", 0)
     return {"method": method, "seed": seed, "eval_loss": eval_loss, "loss": loss, "grad_norm": grad_norm,
             "injections": injections, "train_seconds": seconds, "skipped_steps": skipped,
             "steps_done": trainer.state.global_step}

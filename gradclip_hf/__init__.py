@@ -18,9 +18,13 @@ _LAZY = {
     "GradClipTrainer": "gradclip_hf.integrations.transformers",
     "GradClipMixin": "gradclip_hf.integrations.transformers",
     "GradClipCallback": "gradclip_hf.integrations.transformers",
-    "ClipRunner": "gradclip_hf.integrations.transformers",
+    "with_clip_options": "gradclip_hf.integrations.transformers",
 }
 __all__ += ["ClipConfig", *_LAZY]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str):

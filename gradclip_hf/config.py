@@ -1,381 +1,387 @@
-"""``ClipConfig``: every clipping option as one validated, JSON-safe dataclass (torch only).
+"""``ClipConfig``: THE definition of every clipping option (torch only).
 
-The Trainer integration mirrors these fields with a ``clip_`` prefix
-(:class:`gradclip_hf.integrations.transformers.GradClipTrainingArguments`); :meth:`ClipConfig.build`
-turns a config into a :class:`~gradclip_hf.core.GradClipper` once the run's length is known.
+Each option is declared once below, with its default, its help text and its allowed values; everything
+else is derived from these fields: the ``clip_*`` fields of ``GradClipTrainingArguments`` (and of TRL
+configs), the command line (``HfArgumentParser``), the Axolotl YAML keys. :meth:`ClipConfig.build` turns a
+config into a :class:`~gradclip_hf.core.GradClipper` once the run's length and ``max_grad_norm`` are known.
 
-How ``threshold`` is read by each strategy:
+How ``threshold`` is read by each strategy (``None``: the Trainer's ``max_grad_norm``, 1.0 outside a
+Trainer):
 
 ============  ==========================================================================
 strategy      ``threshold`` means
 ============  ==========================================================================
 ``none``      unused: gradients are measured (``grad_norm`` is logged) but never changed
 ``norm``      ``max_norm`` of :func:`torch.nn.utils.clip_grad_norm_` (bit-identical)
-``value``     ``clip_value`` of :func:`torch.nn.utils.clip_grad_value_`
-``agc``       AGC clipping ratio λ (gradient norm / weight norm per unit)
-``zscore``    ZClip ``max_grad_norm``: the cap of the adaptive threshold and the warmup clip value
-              (``None``: no cap)
+``value``     ``clip_value`` of :func:`torch.nn.utils.clip_grad_value_` (required)
+``agc``       AGC clipping ratio λ, gradient norm / weight norm per unit (required)
+``zscore``    ZClip's cap of the adaptive threshold and its warmup clip value (``inf``: no cap)
 ``quantile``  unused (the threshold is a quantile of past norms); schedules still scale it
 ============  ==========================================================================
 
-Schedules in the core return a *multiplier* of the strategy's threshold. Here they are given as
-thresholds: ``threshold`` at step 0 and ``threshold_final`` at ``schedule_steps`` (cosine, linear),
-``warmup_threshold`` at step 0 rising/falling to ``threshold`` at ``warmup_steps`` (warmup), or
-absolute ``piecewise_values`` between ``piecewise_boundaries``; the multiplier is their ratio to
-``threshold``.
+Schedules are given as thresholds: ``threshold`` at step 0 and ``threshold_final`` at ``schedule_steps``
+(cosine, linear), ``warmup_threshold`` at step 0 moving to ``threshold`` at ``warmup_steps`` (warmup), or
+``piecewise_values`` between ``piecewise_boundaries``; the core gets their ratio to ``threshold``.
 """
 
-from __future__ import annotations
-
 import math
-import re
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-import torch
+from .core import (AGC, Cosine, GradClipper, Linear, MeasureOnly, NonFinitePolicy, NormClip, OptionError,
+                   Piecewise, QuantileClip, SpikeAction, SpikeController, SpikeMethod, ValueClip, Warmup, ZScoreClip)
+from .core._checks import (MAX_WINDOW, check_bool, check_choice, check_int, check_norm_type, check_number,
+                           check_patterns)
+from .core.adaptive import ZScoreClipOption, ZScoreMode
 
-from .core import (AGC, ClipOutcome, ClipStrategy, Constant, Cosine, GradClipper, Linear, NonFinitePolicy,
-                   NormClip, Piecewise, QuantileClip, SpikeAction, SpikeController, SpikeMethod, ValueClip, Warmup,
-                   ZScoreClip)
-from .core.clippers import ZScoreClipOption, ZScoreMode
-
-__all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "MeasureOnly", "NonFinitePolicy", "ZScoreMode",
-           "ZScoreClipOption"]
+__all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "Apply", "OPTION_CHECKS", "option_names"]
 
 
 class Strategy(str, Enum):
-    """Clipping strategies (``ClipConfig.strategy``)."""
-
-    NONE = "none"
-    NORM = "norm"
-    VALUE = "value"
-    AGC = "agc"
-    ZSCORE = "zscore"
-    QUANTILE = "quantile"
-
-
-class SpikeDetection(str, Enum):
-    """What the spike controller watches (``ClipConfig.spike_detection``)."""
-
-    OFF = "off"
-    LOSS = "loss"
-    NORM = "norm"
-    BOTH = "both"
+    NONE, NORM, VALUE, AGC, ZSCORE, QUANTILE = "none", "norm", "value", "agc", "zscore", "quantile"
 
 
 class ScheduleName(str, Enum):
-    """Threshold schedules (``ClipConfig.schedule``)."""
+    CONSTANT, LINEAR, COSINE, WARMUP, PIECEWISE = "constant", "linear", "cosine", "warmup", "piecewise"
 
-    CONSTANT = "constant"
-    LINEAR = "linear"
-    COSINE = "cosine"
-    WARMUP = "warmup"
-    PIECEWISE = "piecewise"
+
+class SpikeDetection(str, Enum):
+    OFF, LOSS, NORM, BOTH = "off", "loss", "norm", "both"
+
+
+class Apply(str, Enum):
+    AUTO, OPTIMIZER, GRADS = "auto", "optimizer", "grads"
 
 
 def choices(enum: type[Enum]) -> list[str]:
-    """The allowed values of a ``str`` Enum, for ``argparse``/``HfArgumentParser`` ``choices``."""
+    """The allowed values of a ``str`` Enum (for ``argparse`` ``choices``)."""
     return [member.value for member in enum]
 
 
-class MeasureOnly(ClipStrategy):
-    """Strategy ``"none"``: measure the norm (for logging), never change the gradients."""
-
-    name = "none"
-
-    def __init__(self, norm_type: float = 2.0):
-        self.norm_type = norm_type
-
-    def _config(self) -> dict[str, Any]:
-        return {"norm_type": self.norm_type}
-
-    def clip_(self, grads, norms, *, scale=1.0, observe=None, params=None, names=None) -> ClipOutcome:
-        total = norms.total
-        return ClipOutcome(norm=total, threshold=torch.full_like(total, math.inf), coef=torch.ones_like(total),
-                           norm_post=total, clipped=torch.zeros((), dtype=torch.bool, device=total.device))
+OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {}  # option -> check(name, value) -> clean value
+_OPTION_NAME: ContextVar[Callable[[str], str]] = ContextVar("gradclip_option_name", default=lambda name: name)
 
 
-def _fail(name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+@contextmanager
+def option_names(rename: Callable[[str], str]):
+    """Inside this block, errors and warnings of ``ClipConfig`` name each option as ``rename(name)`` (e.g.
+    ``clip_threshold`` for ``GradClipTrainingArguments``)."""
+    token = _OPTION_NAME.set(rename)
+    try:
+        yield
+    finally:
+        _OPTION_NAME.reset(token)
 
 
-def _choice(name: str, value: Any, enum: type[Enum]) -> str:
-    if isinstance(value, enum):
-        return value.value
-    if isinstance(value, str) and value.lower() in choices(enum):
-        return value.lower()
-    raise _fail(name, value, "one of " + ", ".join(repr(c) for c in choices(enum)))
+def _choice(enum):
+    return lambda n, v: check_choice(n, v, enum).value
 
 
-def _number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, high_open: bool = False, optional: bool = False,
-            allow_inf: bool = False) -> float | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(name, value, "a number" + (" or None" if optional else ""))
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise _fail(name, value, "a finite number")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise _fail(name, value, f"{'>' if low_open else '>='} {low}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise _fail(name, value, f"{'<' if high_open else '<='} {high}")
-    return value
+def _positive(optional=False, allow_inf=False):
+    return lambda n, v: check_number(n, v, low=0.0, low_inclusive=False, optional=optional, allow_inf=allow_inf)
 
 
-def _int(name: str, value: Any, *, low: int, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise _fail(name, value, f"an int >= {low}" + (" or None" if optional else ""))
-    return value
+def _unit(low_open=True, high_open=False):
+    return lambda n, v: check_number(n, v, low=0.0, high=1.0, low_inclusive=not low_open,
+                                     high_inclusive=not high_open)
 
 
-def _patterns(name: str, value: Any, optional: bool = False) -> list[str] | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise _fail(name, value, "a list of regular expressions" + (" or None" if optional else ""))
-    for pattern in value:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise _fail(name, value, f"a list of valid regular expressions ({pattern!r}: {error})") from error
-    return list(value)
+def _int(low, high=MAX_WINDOW, optional=False):
+    return lambda n, v: check_int(n, v, low=low, high=high, optional=optional)
+
+
+def _ints(n, v):
+    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+        raise OptionError(n, v, "a list of ints")
+    return [check_int(n, b, low=1) for b in v]
+
+
+def _floats(n, v):
+    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
+        raise OptionError(n, v, "a list of numbers")
+    return [check_number(n, x, low=0.0, low_inclusive=False) for x in v]
+
+
+def option(default: Any, help: str, check: Callable[[str, Any], Any], enum: Optional[type[Enum]] = None) -> Any:
+    """One option: default, help and allowed values (``HfArgumentParser`` reads ``help``/``choices``)."""
+    metadata: dict[str, Any] = {"help": help}
+    if enum is not None:
+        metadata["choices"] = choices(enum)
+    _DECLARED.append(check)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_DECLARED: list[Callable[[str, Any], Any]] = []
+_pos, _pos_opt = _positive(), _positive(optional=True)
 
 
 @dataclass
 class ClipConfig:
-    """All clipping options, validated on construction; ``build(total_steps)`` makes the clipper.
+    """All clipping options, validated on construction (:class:`~gradclip_hf.core.OptionError`, a
+    ``ValueError``, naming the option, the value and what is allowed). The field help texts are the reference
+    (``docs/options.md`` lists them)."""
 
-    Args:
-        strategy: ``"none"``, ``"norm"``, ``"value"``, ``"agc"``, ``"zscore"`` or ``"quantile"``.
-        threshold: see the module table; ``> 0``. ``None`` only for ``zscore`` (no cap) and ``quantile``.
-        norm_type: ``p`` of the norms, ``>= 1`` or ``inf``.
-        schedule: ``"constant"``, ``"linear"``, ``"cosine"``, ``"warmup"`` or ``"piecewise"``.
-        threshold_final: threshold reached at ``schedule_steps`` (linear, cosine).
-        schedule_steps: length of the linear/cosine schedule; ``None``: the run's ``max_steps``.
-        warmup_steps: length of the warmup schedule.
-        warmup_threshold: threshold at step 0 of the warmup schedule.
-        piecewise_boundaries: steps where the piecewise threshold changes (strictly increasing).
-        piecewise_values: thresholds, one more than boundaries.
-        zscore_alpha, zscore_z, zscore_warmup_steps, zscore_mode, zscore_clip_option: ZClip options.
-        quantile, quantile_history: AutoClip options.
-        agc_eps: AGC floor of the weight norm.
-        exclude: regular expressions of parameter names neither measured nor clipped.
-        include: if set, only parameter names matching one of these (e.g. ``["lora_"]``).
-        nonfinite: ``"skip"`` (default: skip ``optimizer.step()``; one host read per step, none when a
-            GradScaler is active, which skips such steps itself), ``"zero"`` (zero the step's gradients, no
-            host sync; the optimizer still steps), ``"raise"`` (one host read per step) or ``"ignore"``.
-        nonfinite_max_consecutive: stop training after this many non-finite steps in a row (``"skip"``).
-        spike_detection: ``"off"`` (default), ``"loss"``, ``"norm"`` or ``"both"``: run the loss-spike
-            controller on the step loss and/or the pre-clip gradient norm.
-        spike_z, spike_norm_z, spike_ratio, spike_warmup_steps, spike_method: detector options
-            (:class:`~gradclip_hf.core.SpikeController`).
-        spike_action: ``"tighten"`` (default, no host sync), ``"skip"``, ``"rollback"`` or ``"stop"``.
-        spike_factor, spike_relax_half_life, spike_min_factor: the threshold factor on spikes.
-        spike_snapshot_every: clean steps between two in-memory snapshots (``spike_action="rollback"``).
-        log_layers_top_k: log the pre-clip norms of the ``k`` layers with the largest norms at each logging
-            step (``gradclip/layer/<name>``) and of the last spike step (``gradclip/spike_layer/<name>``);
-            0 for none.
-        log_layer_patterns: regular expressions of parameter names whose norms are always logged.
-        wandb_histogram_every: with W&B active, log a histogram of all per-layer norms every this many
-            logging steps (0: never).
-        wandb_alerts: with W&B active, send ``run.alert`` for spikes (rate-limited) and stops.
-    """
-
-    strategy: str = "norm"
-    threshold: Optional[float] = 1.0
-    norm_type: float = 2.0
-    schedule: str = "constant"
-    threshold_final: Optional[float] = None
-    schedule_steps: Optional[int] = None
-    warmup_steps: int = 0
-    warmup_threshold: Optional[float] = None
-    piecewise_boundaries: list[int] = field(default_factory=list)
-    piecewise_values: list[float] = field(default_factory=list)
-    zscore_alpha: float = 0.97
-    zscore_z: float = 2.5
-    zscore_warmup_steps: int = 25
-    zscore_mode: str = "zscore"
-    zscore_clip_option: str = "adaptive_scaling"
-    quantile: float = 0.9
-    quantile_history: int = 1000
-    agc_eps: float = 1e-3
-    exclude: list[str] = field(default_factory=list)
-    include: Optional[list[str]] = None
-    nonfinite: str = "skip"
-    nonfinite_max_consecutive: int = 10
-    spike_detection: str = "off"
-    spike_z: float = 6.0
-    spike_norm_z: Optional[float] = None
-    spike_ratio: Optional[float] = None
-    spike_warmup_steps: int = 20
-    spike_method: str = "ema"
-    spike_action: str = "tighten"
-    spike_factor: float = 0.5
-    spike_relax_half_life: float = 20.0
-    spike_min_factor: float = 0.05
-    spike_snapshot_every: int = 50
-    log_layers_top_k: int = 8
-    log_layer_patterns: list[str] = field(default_factory=list)
-    wandb_histogram_every: int = 10
-    wandb_alerts: bool = True
+    strategy: str = option("norm", "Clipping strategy: 'norm' (global norm, as torch clip_grad_norm_), 'value' "
+                           "(element clamp), 'agc' (adaptive gradient clipping), 'zscore' (ZClip: EMA z-score of the "
+                           "norm), 'quantile' (AutoClip: quantile of past norms), 'none' (measure and log only).",
+                           _choice(Strategy), Strategy)
+    threshold: Optional[float] = option(None, "Threshold: max norm (norm), element bound (value), clipping ratio "
+                                        "(agc), cap (zscore; inf for none), unused (quantile, none). Default: the "
+                                        "Trainer's max_grad_norm (1.0 outside a Trainer).", _positive(True, True))
+    norm_type: float = option(2.0, "p of the gradient norms (>= 1, or inf).", lambda n, v: check_norm_type(v, n))
+    apply: str = option("auto", "Where the clip multiplier goes: 'auto' (a fused torch optimizer's grad_scale, one pass "
+                        "fewer, except for the drop-in norm configuration, which multiplies in place to stay bit-"
+                        "identical to clip_grad_norm_), 'optimizer' (always the fused optimizer when possible), "
+                        "'grads' (always in place).", _choice(Apply), Apply)
+    schedule: str = option("constant", "Threshold schedule: constant; linear or cosine (threshold -> threshold_final "
+                           "over schedule_steps); warmup (warmup_threshold -> threshold over warmup_steps); piecewise "
+                           "(piecewise_values between piecewise_boundaries).", _choice(ScheduleName), ScheduleName)
+    threshold_final: Optional[float] = option(None, "Threshold at the end of a linear/cosine schedule.", _pos_opt)
+    schedule_steps: Optional[int] = option(None, "Length of the linear/cosine schedule in optimizer steps. Default: "
+                                           "the run's max_steps.", _int(1, 10**12, optional=True))
+    warmup_steps: int = option(0, "Length of the warmup schedule in optimizer steps.", _int(0, 10**12))
+    warmup_threshold: Optional[float] = option(None, "Threshold at step 0 of the warmup schedule.", _pos_opt)
+    piecewise_boundaries: list[int] = option([], "Steps where the piecewise threshold changes (increasing).", _ints)
+    piecewise_values: list[float] = option([], "Piecewise thresholds: one more than the boundaries.", _floats)
+    zscore_alpha: float = option(0.97, "ZClip EMA smoothing, in (0, 1).", _unit(True, True))
+    zscore_z: float = option(2.5, "ZClip: z-score above which a norm is clipped.", _pos)
+    zscore_warmup_steps: int = option(25, "ZClip: norms collected before the EMA starts (clipped at the threshold "
+                                      "meanwhile).", _int(1))
+    zscore_mode: str = option("zscore", "ZClip mode.", _choice(ZScoreMode), ZScoreMode)
+    zscore_clip_option: str = option("adaptive_scaling", "ZClip clip value on spikes.", _choice(ZScoreClipOption),
+                                     ZScoreClipOption)
+    quantile: float = option(0.9, "AutoClip: quantile of past norms, in (0, 1].", _unit())
+    quantile_history: int = option(1000, "AutoClip: number of past norms kept.", _int(1))
+    agc_eps: float = option(1e-3, "AGC floor of the weight norm.", _pos)
+    exclude: list[str] = option([], "Regular expressions of parameter names neither measured nor clipped (their "
+                                "gradients are still guarded against NaN/Inf).", check_patterns)
+    include: Optional[list[str]] = option(None, "If set, only parameters whose names match one of these (e.g. "
+                                          "lora_) are measured and clipped.",
+                                          lambda n, v: check_patterns(n, v, optional=True, nonempty=True))
+    nonfinite: str = option("skip", "A NaN/Inf in any gradient: 'skip' the update (inside the optimizer step), "
+                            "'zero' the step's gradients (the optimizer still steps), 'raise' before touching them, "
+                            "or 'ignore'.", _choice(NonFinitePolicy), NonFinitePolicy)
+    nonfinite_max_consecutive: int = option(10, "Stop training after this many non-finite steps in a row "
+                                            "(nonfinite='skip').", _int(1))
+    spike_detection: str = option("off", "Loss-spike controller: watch the step 'loss', the gradient 'norm', "
+                                  "'both', or 'off'. On a spike the threshold is tightened at once (x spike_factor) "
+                                  "and relaxes back while calm.", _choice(SpikeDetection), SpikeDetection)
+    spike_z: float = option(6.0, "A spike is a loss more than spike_z spreads above its baseline.", _pos)
+    spike_norm_z: Optional[float] = option(None, "z of the gradient-norm detector (default: spike_z).", _pos_opt)
+    spike_ratio: Optional[float] = option(None, "Also a spike: a value above spike_ratio x its baseline (> 1).",
+                                          lambda n, v: check_number(n, v, low=1.0, low_inclusive=False, optional=True))
+    spike_warmup_steps: int = option(20, "Steps observed before spikes are flagged.", _int(2))
+    spike_method: str = option("ema", "Running statistics: 'ema' (mean/variance) or 'mad' (median/MAD of the last "
+                               "max(100, spike_warmup_steps) steps).", _choice(SpikeMethod), SpikeMethod)
+    spike_action: str = option("tighten", "On a spike, besides tightening: 'tighten' only, 'skip' the update, "
+                               "'rollback' to the last in-memory snapshot, or 'stop' training.",
+                               _choice(SpikeAction), SpikeAction)
+    spike_factor: float = option(0.5, "Threshold multiplier on each spike, in (0, 1]; 1 never tightens.", _unit())
+    spike_relax_half_life: float = option(20.0, "Calm steps for the threshold factor's distance to 1 to halve.",
+                                          _pos)
+    spike_min_factor: float = option(0.05, "Floor of the threshold factor, in (0, 1].", _unit())
+    spike_snapshot_every: int = option(50, "Clean steps between in-memory snapshots (spike_action='rollback').",
+                                       _int(1))
+    log_layers_top_k: int = option(8, "Log the pre-clip norms of the k layers with the largest norms "
+                                   "(gradclip/layer/<name>; W&B and TensorBoard only, not the console); 0 for none.",
+                                   _int(0))
+    log_layer_patterns: list[str] = option([], "Regular expressions of parameter names whose norms are always logged.",
+                                           check_patterns)
+    wandb_histogram_every: int = option(10, "With W&B: a histogram of per-layer norms every this many logging steps "
+                                        "(0: never).", _int(0))
+    wandb_alerts: bool = option(True, "With W&B: alerts for spikes (at most one per 5 minutes) and stops.",
+                                check_bool)
 
     def __post_init__(self) -> None:
-        self.strategy = _choice("strategy", self.strategy, Strategy)
-        self.schedule = _choice("schedule", self.schedule, ScheduleName)
-        self.nonfinite = _choice("nonfinite", self.nonfinite, NonFinitePolicy)
-        self.zscore_mode = _choice("zscore_mode", self.zscore_mode, ZScoreMode)
-        self.zscore_clip_option = _choice("zscore_clip_option", self.zscore_clip_option, ZScoreClipOption)
-        threshold_optional = self.strategy in (Strategy.ZSCORE.value, Strategy.QUANTILE.value, Strategy.NONE.value)
-        self.threshold = _number("threshold", self.threshold, low=0.0, low_open=True, optional=threshold_optional)
-        if isinstance(self.norm_type, str) and self.norm_type.lower() in ("inf", "infinity"):
-            self.norm_type = math.inf
-        self.norm_type = _number("norm_type", self.norm_type, low=1.0, allow_inf=True)
-        self.threshold_final = _number("threshold_final", self.threshold_final, low=0.0, low_open=True, optional=True)
-        self.schedule_steps = _int("schedule_steps", self.schedule_steps, low=1, optional=True)
-        self.warmup_steps = _int("warmup_steps", self.warmup_steps, low=0)
-        self.warmup_threshold = _number("warmup_threshold", self.warmup_threshold, low=0.0, low_open=True,
-                                        optional=True)
-        self.zscore_alpha = _number("zscore_alpha", self.zscore_alpha, low=0.0, high=1.0, low_open=True,
-                                    high_open=True)
-        self.zscore_z = _number("zscore_z", self.zscore_z, low=0.0, low_open=True)
-        self.zscore_warmup_steps = _int("zscore_warmup_steps", self.zscore_warmup_steps, low=1)
-        self.quantile = _number("quantile", self.quantile, low=0.0, high=1.0, low_open=True)
-        self.quantile_history = _int("quantile_history", self.quantile_history, low=1)
-        self.agc_eps = _number("agc_eps", self.agc_eps, low=0.0, low_open=True)
-        self.exclude = _patterns("exclude", self.exclude)
-        self.include = _patterns("include", self.include, optional=True)
-        self.piecewise_boundaries = list(self.piecewise_boundaries or [])
-        self.piecewise_values = [_number("piecewise_values", v, low=0.0, low_open=True)
-                                 for v in (self.piecewise_values or [])]
-        for b in self.piecewise_boundaries:
-            _int("piecewise_boundaries", b, low=1)
-        self.nonfinite_max_consecutive = _int("nonfinite_max_consecutive", self.nonfinite_max_consecutive, low=1)
-        self.spike_detection = _choice("spike_detection", self.spike_detection, SpikeDetection)
-        self.spike_method = _choice("spike_method", self.spike_method, SpikeMethod)
-        self.spike_action = _choice("spike_action", self.spike_action, SpikeAction)
-        self.spike_z = _number("spike_z", self.spike_z, low=0.0, low_open=True)
-        self.spike_norm_z = _number("spike_norm_z", self.spike_norm_z, low=0.0, low_open=True, optional=True)
-        self.spike_ratio = _number("spike_ratio", self.spike_ratio, low=1.0, low_open=True, optional=True)
-        self.spike_warmup_steps = _int("spike_warmup_steps", self.spike_warmup_steps, low=2)
-        self.spike_factor = _number("spike_factor", self.spike_factor, low=0.0, high=1.0, low_open=True)
-        self.spike_relax_half_life = _number("spike_relax_half_life", self.spike_relax_half_life, low=0.0,
-                                             low_open=True)
-        self.spike_min_factor = _number("spike_min_factor", self.spike_min_factor, low=0.0, high=1.0, low_open=True)
-        self.spike_snapshot_every = _int("spike_snapshot_every", self.spike_snapshot_every, low=1)
-        self.log_layers_top_k = _int("log_layers_top_k", self.log_layers_top_k, low=0)
-        self.log_layer_patterns = _patterns("log_layer_patterns", self.log_layer_patterns or [])
-        self.wandb_histogram_every = _int("wandb_histogram_every", self.wandb_histogram_every, low=0)
-        if not isinstance(self.wandb_alerts, bool):
-            raise _fail("wandb_alerts", self.wandb_alerts, "True or False")
-        self._check_schedule()
-
-    def _check_schedule(self) -> None:
-        schedule = self.schedule
-        if schedule == ScheduleName.CONSTANT.value:
-            return
-        if self.strategy == Strategy.NONE.value:
-            raise _fail("schedule", schedule, "'constant' with strategy 'none' (nothing is clipped)")
-        base_needed = self.strategy != Strategy.QUANTILE.value
-        if base_needed and self.threshold is None:
-            raise _fail("threshold", None, f"a number > 0 when schedule={schedule!r} (the schedule scales it)")
-        if schedule in (ScheduleName.LINEAR.value, ScheduleName.COSINE.value) and self.threshold_final is None:
-            raise _fail("threshold_final", None, f"a number > 0 when schedule={schedule!r}")
-        if schedule == ScheduleName.WARMUP.value:
-            if self.warmup_steps < 1:
-                raise _fail("warmup_steps", self.warmup_steps, "an int >= 1 when schedule='warmup'")
-            if self.warmup_threshold is None:
-                raise _fail("warmup_threshold", None, "a number > 0 when schedule='warmup' (threshold at step 0)")
-        if schedule == ScheduleName.PIECEWISE.value:
-            bounds, values = self.piecewise_boundaries, self.piecewise_values
-            if bounds != sorted(set(bounds)):
-                raise _fail("piecewise_boundaries", bounds, "strictly increasing steps")
-            if len(values) != len(bounds) + 1:
-                raise _fail("piecewise_values", values,
-                            f"len(piecewise_boundaries) + 1 = {len(bounds) + 1} thresholds")
+        rename = _OPTION_NAME.get()
+        try:
+            for f in fields(self):
+                setattr(self, f.name, OPTION_CHECKS[f.name](f.name, getattr(self, f.name)))
+            _check_combinations(self)
+        except OptionError as error:
+            raise error.renamed(rename) from None
+        for name, reason in _ignored(self):
+            warnings.warn(f"`{rename(name)}`={getattr(self, name)!r} is ignored: {reason}", UserWarning, stacklevel=4)
 
     @classmethod
     def recommended(cls, **overrides: Any) -> "ClipConfig":
-        """The pack's recommended configuration for LLM fine-tuning (what the demo and the stability
-        benchmark call "recommended"): ZClip with a cap at 1.0, plus the loss-spike controller, which
-        skips the update of a spike step (one host read per step) and tightens the threshold after it.
-        ``overrides`` change any field."""
-        options: dict[str, Any] = dict(strategy="zscore", threshold=1.0, spike_detection="loss",
-                                       spike_action="skip")
+        """The pack's recommended configuration for LLM fine-tuning (what the demo and the benchmarks call
+        "recommended"): ZClip capped at ``max_grad_norm`` plus the loss-spike controller, which skips the update
+        of a spike step (inside the optimizer step: no host read on fused optimizers) and tightens the
+        threshold after it. ``overrides`` change any field."""
+        options: dict[str, Any] = dict(strategy="zscore", spike_detection="loss", spike_action="skip")
         options.update(overrides)
         return cls(**options)
-
-    # ------------------------------------------------------------------ building
-    @property
-    def is_constant_norm(self) -> bool:
-        """Plain ``clip_grad_norm_`` (what DeepSpeed's ``gradient_clipping`` can do instead): norm strategy,
-        constant schedule, no spike controller."""
-        return (self.strategy == Strategy.NORM.value and self.schedule == ScheduleName.CONSTANT.value
-                and self.spike_detection == SpikeDetection.OFF.value)
-
-    def build_strategy(self) -> ClipStrategy:
-        s, t = self.strategy, self.threshold
-        if s == Strategy.NONE.value:
-            return MeasureOnly(self.norm_type)
-        if s == Strategy.NORM.value:
-            return NormClip(t, self.norm_type)
-        if s == Strategy.VALUE.value:
-            return ValueClip(t)
-        if s == Strategy.AGC.value:
-            return AGC(clipping=t, eps=self.agc_eps)
-        if s == Strategy.ZSCORE.value:
-            return ZScoreClip(alpha=self.zscore_alpha, z_thresh=self.zscore_z, max_grad_norm=t,
-                              warmup_steps=self.zscore_warmup_steps, mode=self.zscore_mode,
-                              clip_option=self.zscore_clip_option)
-        return QuantileClip(quantile=self.quantile, history=self.quantile_history, norm_type=self.norm_type)
-
-    def build_schedule(self, total_steps: int | None = None):
-        """The core schedule (a multiplier of the threshold), ``None`` for constant."""
-        s = self.schedule
-        base = self.threshold if self.threshold is not None else 1.0
-        if s == ScheduleName.CONSTANT.value:
-            return None
-        if s in (ScheduleName.LINEAR.value, ScheduleName.COSINE.value):
-            steps = self.schedule_steps or total_steps
-            if not steps or steps < 1:
-                raise ValueError(f"`schedule_steps` is None and the run length is unknown ({total_steps!r}): "
-                                 f"set schedule_steps or max_steps.")
-            cls = Linear if s == ScheduleName.LINEAR.value else Cosine
-            return cls(start=1.0, end=self.threshold_final / base, total_steps=int(steps))
-        if s == ScheduleName.WARMUP.value:
-            return Warmup(start=self.warmup_threshold / base, value=1.0, warmup_steps=self.warmup_steps)
-        return Piecewise(boundaries=self.piecewise_boundaries, values=[v / base for v in self.piecewise_values])
-
-    def build_spikes(self) -> SpikeController | None:
-        """The spike controller, ``None`` when ``spike_detection="off"``."""
-        if self.spike_detection == SpikeDetection.OFF.value:
-            return None
-        return SpikeController(
-            detect_loss=self.spike_detection in (SpikeDetection.LOSS.value, SpikeDetection.BOTH.value),
-            detect_norm=self.spike_detection in (SpikeDetection.NORM.value, SpikeDetection.BOTH.value),
-            z=self.spike_z, norm_z=self.spike_norm_z, ratio=self.spike_ratio, warmup_steps=self.spike_warmup_steps,
-            method=self.spike_method, action=self.spike_action, spike_factor=self.spike_factor,
-            relax_half_life=self.spike_relax_half_life, min_factor=self.spike_min_factor)
-
-    def build(self, total_steps: int | None = None) -> GradClipper:
-        """A fresh :class:`GradClipper` for a run of ``total_steps`` optimizer steps."""
-        return GradClipper(self.build_strategy(), self.build_schedule(total_steps), exclude=self.exclude,
-                           include=self.include, nonfinite=self.nonfinite, spikes=self.build_spikes())
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (``ClipConfig(**d)`` rebuilds it)."""
-        d = asdict(self)
-        if math.isinf(d["norm_type"]):
-            d["norm_type"] = "inf"
-        return d
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (``ClipConfig(**d)`` rebuilds it)."""
+        d = asdict(self)
+        for key in ("norm_type", "threshold"):
+            if isinstance(d[key], float) and math.isinf(d[key]):
+                d[key] = "inf"
+        return d
+
+    def non_default(self) -> dict[str, Any]:
+        """The options that differ from their defaults."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != _default(f)}
+
+    # ------------------------------------------------------------------ building
+    @property
+    def is_drop_in(self) -> bool:
+        """Exactly what ``max_grad_norm`` does: norm, constant threshold, no spike controller."""
+        return (self.strategy == Strategy.NORM.value and self.schedule == ScheduleName.CONSTANT.value
+                and self.spike_detection == SpikeDetection.OFF.value)
+
+    @property
+    def defers_to_optimizer(self) -> bool:
+        """Whether a fused optimizer should apply the clip multiplier (``apply``, see its help)."""
+        return self.apply == Apply.OPTIMIZER.value or (self.apply == Apply.AUTO.value and not self.is_drop_in)
+
+    def resolved_threshold(self, max_grad_norm: Optional[float] = None) -> Optional[float]:
+        """The threshold in force: ``threshold``, else ``max_grad_norm`` (``None``: no Trainer, 1.0).
+
+        Raises:
+            OptionError: strategy ``norm`` with neither a threshold nor ``max_grad_norm > 0``.
+        """
+        if self.threshold is not None or self.strategy in (Strategy.NONE.value, Strategy.QUANTILE.value):
+            return self.threshold
+        if max_grad_norm is None:
+            return 1.0
+        if max_grad_norm > 0:
+            return float(max_grad_norm)
+        if self.strategy == Strategy.ZSCORE.value:
+            return math.inf  # max_grad_norm=0: no cap
+        raise OptionError("threshold", None, "a number > 0", "It defaults to max_grad_norm, which is 0 here (no "
+                          "clipping): set the threshold, or strategy 'none' to only measure.")
+
+    def build(self, total_steps: Optional[int] = None, max_grad_norm: Optional[float] = None) -> GradClipper:
+        """A fresh :class:`GradClipper` for a run of ``total_steps`` optimizer steps."""
+        threshold = self.resolved_threshold(max_grad_norm)
+        return GradClipper(_STRATEGIES[self.strategy](self, threshold), _schedule(self, threshold, total_steps),
+                           exclude=self.exclude, include=self.include, nonfinite=self.nonfinite,
+                           spikes=self.build_spikes())
+
+    def build_spikes(self) -> Optional[SpikeController]:
+        """The spike controller, ``None`` when ``spike_detection="off"``."""
+        if self.spike_detection == SpikeDetection.OFF.value:
+            return None
+        both = SpikeDetection.BOTH.value
+        return SpikeController(
+            detect_loss=self.spike_detection in (SpikeDetection.LOSS.value, both),
+            detect_norm=self.spike_detection in (SpikeDetection.NORM.value, both),
+            z=self.spike_z, norm_z=self.spike_norm_z, ratio=self.spike_ratio, warmup_steps=self.spike_warmup_steps,
+            method=self.spike_method, window=max(100, self.spike_warmup_steps), action=self.spike_action,
+            spike_factor=self.spike_factor, relax_half_life=self.spike_relax_half_life,
+            min_factor=self.spike_min_factor)
+
+
+OPTION_CHECKS.update(zip(ClipConfig.field_names(), _DECLARED))
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+_STRATEGIES: dict[str, Callable[[ClipConfig, Optional[float]], Any]] = {
+    "none": lambda c, t: MeasureOnly(c.norm_type),
+    "norm": lambda c, t: NormClip(t, c.norm_type),
+    "value": lambda c, t: ValueClip(t, c.norm_type),
+    "agc": lambda c, t: AGC(clipping=t, eps=c.agc_eps),
+    "zscore": lambda c, t: ZScoreClip(alpha=c.zscore_alpha, z_thresh=c.zscore_z, max_grad_norm=t,
+                                      warmup_steps=c.zscore_warmup_steps, mode=c.zscore_mode,
+                                      clip_option=c.zscore_clip_option, norm_type=c.norm_type),
+    "quantile": lambda c, t: QuantileClip(quantile=c.quantile, history=c.quantile_history, norm_type=c.norm_type),
+}
+
+
+def _schedule(c: ClipConfig, threshold: Optional[float], total_steps: Optional[int]):
+    """The core schedule (a multiplier of the threshold), ``None`` for constant."""
+    base = threshold if threshold is not None and math.isfinite(threshold) else 1.0
+    if c.schedule == ScheduleName.CONSTANT.value:
+        return None
+    if c.schedule in (ScheduleName.LINEAR.value, ScheduleName.COSINE.value):
+        steps = c.schedule_steps or total_steps
+        if not steps:
+            raise OptionError("schedule_steps", None, "set", "The run length is unknown: set schedule_steps or "
+                              "max_steps.")
+        cls = Linear if c.schedule == ScheduleName.LINEAR.value else Cosine
+        return cls(start=1.0, end=c.threshold_final / base, total_steps=int(steps))
+    if c.schedule == ScheduleName.WARMUP.value:
+        return Warmup(start=c.warmup_threshold / base, value=1.0, warmup_steps=c.warmup_steps)
+    return Piecewise(boundaries=c.piecewise_boundaries, values=[v / base for v in c.piecewise_values])
+
+
+def _check_combinations(c: ClipConfig) -> None:
+    """Combinations that cannot mean anything: errors."""
+    s = c.strategy
+    if c.threshold is not None and math.isinf(c.threshold) and s != Strategy.ZSCORE.value:
+        raise OptionError("threshold", c.threshold, "a finite number > 0", "(inf, no cap, is for strategy 'zscore')")
+    if c.threshold is None and s in (Strategy.VALUE.value, Strategy.AGC.value):
+        what = "the bound of each gradient element" if s == Strategy.VALUE.value else "the ratio of gradient to weight norm"
+        raise OptionError("threshold", None, f"a number > 0 with strategy {s!r}",
+                          f"It is {what}, so it does not default to max_grad_norm (a norm).")
+    if s == Strategy.AGC.value and c.norm_type != 2.0:
+        raise OptionError("norm_type", c.norm_type, "2 with strategy 'agc'", "AGC clips unit-wise L2 norms.")
+    if c.spike_detection == SpikeDetection.OFF.value and c.spike_action != SpikeAction.TIGHTEN.value:
+        raise OptionError("spike_action", c.spike_action, "'tighten' while spike_detection is 'off'",
+                          "Set spike_detection to 'loss', 'norm' or 'both' to act on spikes.")
+    _check_schedule(c)
+
+
+def _check_schedule(c: ClipConfig) -> None:
+    schedule = c.schedule
+    if schedule == ScheduleName.CONSTANT.value:
+        return
+    if c.strategy == Strategy.NONE.value:
+        raise OptionError("schedule", schedule, "'constant' with strategy 'none' (nothing is clipped)")
+    if schedule in (ScheduleName.LINEAR.value, ScheduleName.COSINE.value) and c.threshold_final is None:
+        raise OptionError("threshold_final", None, f"a number > 0 when schedule={schedule!r}")
+    if schedule == ScheduleName.WARMUP.value:
+        if c.warmup_steps < 1:
+            raise OptionError("warmup_steps", c.warmup_steps, "an int >= 1 when schedule='warmup'")
+        if c.warmup_threshold is None:
+            raise OptionError("warmup_threshold", None, "a number > 0 when schedule='warmup' (threshold at step 0)")
+    if schedule == ScheduleName.PIECEWISE.value:
+        bounds, values = c.piecewise_boundaries, c.piecewise_values
+        if bounds != sorted(set(bounds)):
+            raise OptionError("piecewise_boundaries", bounds, "strictly increasing steps")
+        if len(values) != len(bounds) + 1:
+            raise OptionError("piecewise_values", values, f"len(piecewise_boundaries) + 1 = {len(bounds) + 1} "
+                              f"thresholds")
+
+
+_SCHEDULE_OPTIONS = {"threshold_final": ("linear", "cosine"), "schedule_steps": ("linear", "cosine"),
+                     "warmup_steps": ("warmup",), "warmup_threshold": ("warmup",),
+                     "piecewise_boundaries": ("piecewise",), "piecewise_values": ("piecewise",)}
+
+
+def _ignored(c: ClipConfig) -> list[tuple[str, str]]:
+    """Options set to a non-default value that the rest of the configuration does not use: warnings."""
+    changed = c.non_default()
+    out = [(name, f"it only applies to schedule {' or '.join(map(repr, used))} (schedule is {c.schedule!r}).")
+           for name, used in _SCHEDULE_OPTIONS.items() if name in changed and c.schedule not in used]
+    if "threshold" in changed and c.strategy in (Strategy.NONE.value, Strategy.QUANTILE.value):
+        out.append(("threshold", f"strategy {c.strategy!r} has no fixed threshold."))
+    prefixes = {"zscore_": Strategy.ZSCORE.value, "quantile": Strategy.QUANTILE.value, "agc_": Strategy.AGC.value}
+    out += [(name, f"it only applies to strategy {strategy!r}.") for name in changed
+            for prefix, strategy in prefixes.items() if name.startswith(prefix) and c.strategy != strategy]
+    if c.spike_detection == SpikeDetection.OFF.value:
+        out += [(name, "spike_detection is 'off'.") for name in changed
+                if name.startswith("spike_") and name not in ("spike_detection", "spike_action")]
+    elif c.spike_detection == SpikeDetection.LOSS.value and "spike_norm_z" in changed:
+        out.append(("spike_norm_z", "spike_detection is 'loss' (no gradient-norm detector)."))
+    if "spike_snapshot_every" in changed and c.spike_action != SpikeAction.ROLLBACK.value:
+        out.append(("spike_snapshot_every", "it only applies to spike_action 'rollback'."))
+    if "nonfinite_max_consecutive" in changed and c.nonfinite != NonFinitePolicy.SKIP.value:
+        out.append(("nonfinite_max_consecutive", "it only applies to nonfinite 'skip'."))
+    return out

@@ -281,7 +281,7 @@ def _train_one(key: str, label: str, ns: argparse.Namespace, size: dict[str, int
         series["norm_post"][i] = float(h.get("gradclip/norm_post", math.nan))
         series["threshold"][i] = float(h.get("gradclip/threshold", math.nan))
         series["clip_rate"][i] = float(h.get("gradclip/clip_rate", math.nan))
-    runner = getattr(trainer, "clip_runner", None)
+    runner = getattr(trainer, "clip_run", None)
     if key == "stock":  # the stock Trainer clips when the pre-clip norm exceeds max_grad_norm
         series["threshold"] = [1.0] * n
         series["norm_post"] = [min(v, 1.0) if math.isfinite(v) else v for v in series["grad_norm"]]
@@ -294,7 +294,7 @@ def _train_one(key: str, label: str, ns: argparse.Namespace, size: dict[str, int
         clip_rate = statistics.fmean(rates) if rates else math.nan
     return {"key": key, "label": label, "final_eval_loss": float(final_eval.get("eval_loss", math.nan)),
             "evals": evals, "series": series, "clip_rate": clip_rate,
-            "spikes_detected": sorted(e.step for e in runner.spike_events) if runner is not None else None,
+            "spikes_detected": sorted(e.step - 1 for e in runner.spike_events) if runner is not None else None,
             "skipped_steps": runner.skipped_steps if runner is not None else 0,
             "clipper_calls": runner.num_clips if runner is not None else 0,
             "steps_done": trainer.state.global_step, "seconds": seconds, "wandb_dir": wandb_dir,

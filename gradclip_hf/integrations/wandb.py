@@ -147,9 +147,7 @@ class WandbReporter:
         if new:
             top = ", ".join(f"{n}={v:.3g}" for n, v in spike_layers)
             for i, event in enumerate(new):
-                kind = ("nonfinite" if not math.isfinite(event.loss) else
-                        "+".join(k for k, f in (("loss", event.loss_spike), ("norm", event.norm_spike)) if f))
-                self._rows.append([event.step, kind or "loss", _finite(event.loss), _finite(event.loss_baseline),
+                self._rows.append([event.step, event.kind, _finite(event.loss), _finite(event.loss_baseline),
                                    _finite(event.loss_z), _finite(event.norm), _finite(event.norm_baseline),
                                    _finite(event.norm_z), event.factor_before, event.factor_after,
                                    top if i == len(new) - 1 else ""])
@@ -174,7 +172,7 @@ class WandbReporter:
                  for e in events[:MAX_ALERT_EVENTS]]
         if len(events) > MAX_ALERT_EVENTS:
             lines.append(f"... and {len(events) - MAX_ALERT_EVENTS} more up to step {events[-1].step}.")
-        title = f"gradclip: {len(events)} loss spike{'s' if len(events) > 1 else ''}"
+        title = f"gradclip: {len(events)} spike{'s' if len(events) > 1 else ''} ({action})"
         try:
             run.alert(title=title, text="\n".join(lines), level="WARN", wait_duration=int(self.alert_interval_s))
             self.logged["alerts"] += 1
@@ -193,14 +191,15 @@ class WandbReporter:
             pass
 
     # ------------------------------------------------------------------ train end
-    def finish(self, run: Any, step: int, stop_reason: str | None = None) -> None:
+    def finish(self, run: Any, step: int, stop_reason: str | None = None, threshold_base: Any = None,
+               action: str = "tighten") -> None:
         """Train end: the stop alert (if not sent yet), pending spike alerts, and the run's norm chart."""
         import wandb
 
         self._ensure(run)
         if self._pending_alert:
             self._last_alert = -math.inf
-            self._alert_spikes(run, None, "tighten")
+            self._alert_spikes(run, threshold_base, action)
         if stop_reason:
             self._alert_stop(run, stop_reason)
         series = {k: v for k, v in self.series.items() if v}

@@ -11,30 +11,14 @@ not sync either. (C++-internal syncs, which matter on CUDA only, are out of reac
 import math
 import subprocess
 import sys
-from contextlib import ExitStack, contextmanager
-from unittest import mock
 
 import pytest
 import torch
+from host_sync import HostSync, no_host_sync
 from torch import nn
 
 from gradclip_hf import (AGC, ClipGroup, Cosine, GradClipper, NormClip, QuantileClip, ValueClip, Warmup,
                          ZScoreClip)
-
-SYNCS = ("item", "__bool__", "tolist", "__float__", "__int__", "__index__")
-
-
-class HostSync(AssertionError):
-    pass
-
-
-@contextmanager
-def no_host_sync():
-    with ExitStack() as stack:
-        for name in SYNCS:
-            stack.enter_context(mock.patch.object(torch.Tensor, name, side_effect=HostSync(f"Tensor.{name}")))
-        yield
-
 
 @pytest.mark.parametrize("sync", [
     lambda t: t.item(), lambda t: bool(t), lambda t: t.tolist(), lambda t: float(t), lambda t: int(t),

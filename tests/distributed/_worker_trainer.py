@@ -14,7 +14,7 @@ the 1-process reference). MODE:
 - ``fsdp``: ``equiv`` under FSDP2 (``fsdp=True``, ``fsdp_config={"version": 2}``); records whether the
   Trainer really sharded (``is_fsdp_enabled``) and accelerate's distributed type.
 
-Per step and rank a callback records the runner's ``last_report`` (norm, threshold, coef, scale, spike
+Per step and rank a callback records the run's ``last_report`` (norm, threshold, coef, scale, spike
 flag and factor, step loss), whether ``optimizer.step()`` changed the weights, and what the rank's
 batch held. Results go to ``OUT_DIR/<mode>.rank<r>.json`` (``<mode>.single.json`` without a launcher).
 """
@@ -71,7 +71,7 @@ class Recorder(TrainerCallback):
         raise RuntimeError("no trainable parameter")
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        report = self.trainer.clip_runner.last_report
+        report = self.trainer.clip_run.last_report
         row = {"step": state.global_step, "report_step": report.step}
         row.update({k: _f(v) for k, v in report.to_floats().items()})
         if report.spike is not None:
@@ -121,7 +121,7 @@ def run(name: str, train_dataset, **overrides) -> dict:
         weights[key] = value.detach().to(torch.float64).reshape(-1).tolist()
     return {"rows": recorder.rows, "logs": logs, "weights": weights if MODE != "spikes" else None,
             "fsdp": trainer.is_fsdp_enabled, "world": trainer.args.world_size,
-            "skipped": trainer.clip_runner.skipped_steps,
+            "skipped": trainer.clip_run.skipped_steps,
             "distributed_type": str(trainer.accelerator.state.distributed_type),
             "fsdp_plugin_given": trainer.args.fsdp_plugin_args is not None}
 
@@ -132,9 +132,9 @@ def main() -> None:
     results: dict = {"rank": RANK, "world": WORLD, "spike_step": SPIKE_STEP}
     if MODE == "spikes":
         stream = SpikyByteStream(blocks, spike_steps=(SPIKE_STEP,), samples_per_step=PER_DEVICE * WORLD)
-        spike = dict(spike_detection="loss", spike_warmup_steps=SPIKE_WARMUP)
+        spike = dict(clip_spike_detection="loss", clip_spike_warmup_steps=SPIKE_WARMUP)
         results["norm_tighten"] = run("norm_tighten", stream, **spike)
-        results["norm_skip"] = run("norm_skip", stream, spike_action="skip", **spike)
+        results["norm_skip"] = run("norm_skip", stream, clip_spike_action="skip", **spike)
         results["zscore"] = run("zscore", stream, clip_strategy="zscore", clip_zscore_warmup_steps=5, **spike)
     elif MODE in ("equiv", "fsdp"):
         extra = {}

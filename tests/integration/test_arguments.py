@@ -43,21 +43,24 @@ def test_parser_help_and_choices(capsys):
 
 def test_threshold_defaults_to_max_grad_norm(tmp_path):
     args = GradClipTrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.7, report_to="none")
-    assert args.clip_config().threshold == 0.7 and args.clip_config().strategy == "norm"
+    config = args.clip_config()
+    assert config.threshold is None and config.strategy == "norm"
+    assert config.resolved_threshold(args.max_grad_norm) == 0.7
+    assert config.build(max_grad_norm=args.max_grad_norm).strategy.max_norm == 0.7
 
 
 @pytest.mark.parametrize("options, match", [
     (dict(clip_strategy="foo"), r"`clip_strategy` must be one of .*'zscore'.*got 'foo'"),
-    (dict(clip_threshold=-1.0), r"`clip_threshold` must be > 0.0, got -1.0"),
+    (dict(clip_threshold=-1.0), r"`clip_threshold` must be > 0, got -1.0"),
     (dict(clip_schedule="cosine"), r"`clip_threshold_final` must be a number > 0 when schedule='cosine'"),
     (dict(clip_schedule="warmup", clip_warmup_steps=10), r"`clip_warmup_threshold`"),
     (dict(clip_schedule="piecewise", clip_piecewise_boundaries=[5], clip_piecewise_values=[1.0]),
      r"`clip_piecewise_values` must be len\(piecewise_boundaries\) \+ 1 = 2"),
-    (dict(clip_zscore_alpha=1.5), r"`clip_zscore_alpha` must be < 1.0, got 1.5"),
-    (dict(clip_quantile=0.0), r"`clip_quantile` must be > 0.0"),
+    (dict(clip_zscore_alpha=1.5), r"`clip_zscore_alpha` must be < 1, got 1.5"),
+    (dict(clip_quantile=0.0), r"`clip_quantile` must be > 0"),
     (dict(clip_nonfinite="explode"), r"`clip_nonfinite` must be one of 'skip', 'zero', 'raise', 'ignore'"),
     (dict(clip_exclude=["("]), r"`clip_exclude` must be a list of valid regular expressions"),
-    (dict(max_grad_norm=0.0), r"`clip_threshold` must be a number > 0 for clip_strategy='norm'"),
+    (dict(max_grad_norm=0.0), r"`clip_threshold` must be a number > 0, got None. It defaults to max_grad_norm, which is 0"),
 ])
 def test_validation_errors(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
@@ -67,7 +70,7 @@ def test_validation_errors(tmp_path, options, match):
 def test_clip_config_errors_and_schedules():
     with pytest.raises(ValueError, match=r"`strategy` must be one of"):
         ClipConfig(strategy="nope")
-    with pytest.raises(ValueError, match=r"`norm_type` must be >= 1.0"):
+    with pytest.raises(ValueError, match=r"`norm_type` must be >= 1 or inf"):
         ClipConfig(norm_type=0.5)
     with pytest.raises(ValueError, match=r"run length is unknown"):
         ClipConfig(schedule="linear", threshold_final=0.5).build(None)

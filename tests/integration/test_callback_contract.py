@@ -43,8 +43,9 @@ def test_construct_and_state_is_json(make):
     assert isinstance(callback, ExportableState)
     state = callback.state()
     json.dumps(state)
-    rebuilt = type(callback)(**state["args"])
-    assert rebuilt.config == callback.config
+    assert state["args"] == {"_restore": True}  # options are never restored from a checkpoint: the user's win
+    rebuilt = type(callback)(**state["args"])  # outside a Trainer there is no live session to take over
+    assert rebuilt.config == type(callback)().config
 
 
 @pytest.mark.parametrize("make", CALLBACKS)
@@ -56,7 +57,7 @@ def test_train_twice_same_object(tmp_path, make, ga):
     second = fit(tmp_path / "b", callback, max_steps=4, gradient_accumulation_steps=ga)
     second.train()
     a, b = train_logs(first), train_logs(second)
-    assert len(a) == len(b) == 4 and callback.runner.num_clips == 4
+    assert len(a) == len(b) == 4 and callback.run.num_clips == 4
     assert [h["gradclip/threshold"] for h in a] == [h["gradclip/threshold"] for h in b]
     assert [h["loss"] for h in a] == [h["loss"] for h in b]
     assert "training_step" not in first.__dict__ and "log" not in first.__dict__  # unwrapped at train end

@@ -13,6 +13,8 @@ from gradclip_hf.examples import SpikyByteStream, tiny_llama
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
+from helpers import StepRecorder  # noqa: E402
+
 from gradclip_hf.integrations.transformers import (GradClipCallback, GradClipTrainer,  # noqa: E402
                                                    GradClipTrainingArguments)
 
@@ -21,33 +23,14 @@ BATCH = 4
 SPIKES = (24, 33)
 
 
-class StepRecorder(TrainerCallback):
-    """After each optimizer step: trainable weights, optimizer state, and the clip report."""
-
-    def __init__(self, runner=None, keep_state=False):
-        self.runner, self.keep_state = runner, keep_state
-        self.weights, self.optim_state, self.reports = {}, {}, {}
-
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        step = state.global_step - 1
-        if self.runner is not None and self.runner.last_report is not None:
-            r = self.runner.last_report
-            self.reports[step] = {**r.to_floats(), "spike": bool(r.spike.spike) if r.spike is not None else False}
-        if self.keep_state:
-            self.weights[step] = [p.detach().clone() for p in model.parameters()]
-            inner = getattr(optimizer, "optimizer", optimizer)
-            self.optim_state[step] = [{k: v.clone() for k, v in inner.state[p].items()} for p in model.parameters()
-                                      if p in inner.state]
-
-
 def spiky_trainer(tmp_path, dataset, spike_steps=SPIKES, steps=40, keep_state=False, **options):
-    defaults = dict(clip_strategy="norm", clip_threshold=1.0, spike_detection="loss", spike_warmup_steps=10)
+    defaults = dict(clip_strategy="norm", clip_threshold=1.0, clip_spike_detection="loss", clip_spike_warmup_steps=10)
     defaults.update(options)
     args = make_args(tmp_path, cls=GradClipTrainingArguments, max_steps=steps, learning_rate=3e-3,
                      per_device_train_batch_size=BATCH, **defaults)
     stream = SpikyByteStream(dataset, spike_steps=spike_steps, samples_per_step=BATCH)
     trainer = GradClipTrainer(model=tiny_llama(0), args=args, train_dataset=stream)
-    recorder = StepRecorder(trainer.clip_runner, keep_state=keep_state)
+    recorder = StepRecorder(trainer, keep_state=keep_state)
     trainer.add_callback(recorder)
     return trainer, recorder
 
@@ -66,12 +49,12 @@ def test_spikes_detected_exactly_at_injected_steps_and_nowhere_in_a_clean_run(tm
     # what was logged says so too
     logged = [h for h in trainer.state.log_history if "gradclip/spikes" in h]
     assert [h["step"] for h in logged if h["gradclip/spikes"]] == [s + 1 for s in SPIKES]  # log step = step + 1
-    assert sum(e.step in SPIKES for e in trainer.clip_runner.spike_events) == 2
+    assert [e.step for e in trainer.clip_run.spike_events] == [s + 1 for s in SPIKES]  # numbered as logged
 
 
 def test_threshold_drops_at_once_and_relaxes_with_half_life(tmp_path, dataset):
-    trainer, recorder = spiky_trainer(tmp_path, dataset, spike_steps=(24,), steps=38, spike_factor=0.5,
-                                      spike_relax_half_life=10.0)
+    trainer, recorder = spiky_trainer(tmp_path, dataset, spike_steps=(24,), steps=38, clip_spike_factor=0.5,
+                                      clip_spike_relax_half_life=10.0)
     trainer.train()
     thresholds = {s: r["threshold"] for s, r in recorder.reports.items()}
     assert spike_steps_of(recorder) == [24]
@@ -84,21 +67,21 @@ def test_threshold_drops_at_once_and_relaxes_with_half_life(tmp_path, dataset):
 
 def test_skip_leaves_weights_and_optimizer_state_bit_identical(tmp_path, dataset):
     trainer, recorder = spiky_trainer(tmp_path, dataset, spike_steps=(24,), steps=27, keep_state=True,
-                                      spike_action="skip")
+                                      clip_spike_action="skip")
     trainer.train()
     assert spike_steps_of(recorder) == [24]
     assert all(torch.equal(a, b) for a, b in zip(recorder.weights[23], recorder.weights[24]))
     for before, after in zip(recorder.optim_state[23], recorder.optim_state[24]):
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not all(torch.equal(a, b) for a, b in zip(recorder.weights[24], recorder.weights[25]))
-    assert trainer.clip_runner.skipped_steps == 1
+    assert trainer.clip_run.skipped_steps == 1
     assert [h["gradclip/skipped_steps"] for h in trainer.state.log_history if "gradclip/skipped_steps" in h
             and h["step"] == 25] == [1]
 
 
 def test_rollback_restores_the_snapshot(tmp_path, dataset):
     trainer, recorder = spiky_trainer(tmp_path, dataset, spike_steps=(24,), steps=27, keep_state=True,
-                                      spike_action="rollback", spike_snapshot_every=5)
+                                      clip_spike_action="rollback", clip_spike_snapshot_every=5)
     trainer.train()
     assert spike_steps_of(recorder) == [24]
     # snapshots are taken before the updates of steps 0, 5, 10, 15, 20: the one of step 20 holds the
@@ -107,19 +90,19 @@ def test_rollback_restores_the_snapshot(tmp_path, dataset):
     assert not all(torch.equal(a, b) for a, b in zip(recorder.weights[19], recorder.weights[23]))
     for before, after in zip(recorder.optim_state[19], recorder.optim_state[24]):
         assert all(torch.equal(before[k], after[k]) for k in before)
-    assert trainer.clip_runner.rollbacks == 1
+    assert trainer.clip_run.rollbacks == 1
     assert not all(torch.equal(a, b) for a, b in zip(recorder.weights[24], recorder.weights[25]))
 
 
 def test_stop_ends_training_with_the_reason(tmp_path, dataset):
     trainer, recorder = spiky_trainer(tmp_path, dataset, spike_steps=(24,), steps=36, keep_state=True,
-                                      spike_action="stop")
+                                      clip_spike_action="stop")
     trainer.train()
     assert trainer.state.global_step == 25
     assert all(torch.equal(a, b) for a, b in zip(recorder.weights[23], recorder.weights[24]))
     reasons = [h["gradclip/stop_reason"] for h in trainer.state.log_history if "gradclip/stop_reason" in h]
-    assert len(reasons) == 1 and "loss spike at step 24" in reasons[0] and "spike_action='stop'" in reasons[0]
-    assert trainer.clip_runner.stop_reason == reasons[0]
+    assert len(reasons) == 1 and "loss spike at step 25" in reasons[0] and "spike_action='stop'" in reasons[0]
+    assert trainer.clip_run.stop_reason == reasons[0]
 
 
 class NaNGradients(TrainerCallback):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
 
 import torch
-from transformers import TrainerCallback
+from helpers import StepRecorder
 
 from gradclip_hf.examples import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
 from gradclip_hf.integrations.transformers import GradClipTrainer, GradClipTrainingArguments
@@ -18,20 +22,6 @@ def dataset() -> ByteLMDataset:
     return ByteLMDataset(stdlib_text(60_000), block_size=64, num_blocks=96)
 
 
-class StepRecorder(TrainerCallback):
-    """Per optimizer step: the report's scalars and per-tensor norms (host reads, test only)."""
-
-    def __init__(self, runner):
-        self.runner, self.steps = runner, {}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        r = self.runner.last_report
-        if r is not None and r.step == state.global_step - 1:
-            self.steps[r.step] = {**r.to_floats(), "names": list(r.names),
-                                  "per_tensor": r.per_tensor_norms.tolist(),
-                                  "spike": bool(r.spike.spike) if r.spike is not None else False}
-
-
 def make_trainer(tmp_path, steps=12, logging_steps=4, spike_steps=(), record=False, **options):
     args = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, max_steps=steps,
                 learning_rate=3e-3, logging_steps=logging_steps, report_to="none", use_cpu=True,
@@ -42,7 +32,7 @@ def make_trainer(tmp_path, steps=12, logging_steps=4, spike_steps=(), record=Fal
     trainer = GradClipTrainer(model=tiny_llama(0), args=GradClipTrainingArguments(**args), train_dataset=train)
     recorder = None
     if record:
-        recorder = StepRecorder(trainer.clip_runner)
+        recorder = StepRecorder(trainer)
         trainer.add_callback(recorder)
     return trainer, recorder
 

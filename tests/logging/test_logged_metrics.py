@@ -15,9 +15,9 @@ pytest.importorskip("transformers")
 
 from logrun import make_trainer, train_logs  # noqa: E402
 
-from gradclip_hf.integrations.transformers.runner import METRIC_KEYS  # noqa: E402
+from gradclip_hf.integrations.transformers.metrics import METRIC_KEYS  # noqa: E402
 
-SPIKE = dict(spike_detection="loss", spike_warmup_steps=5, spike_ratio=1.2)
+SPIKE = dict(clip_spike_detection="loss", clip_spike_warmup_steps=5, clip_spike_ratio=1.2)
 
 
 def test_window_metrics_per_layer_norms_and_spike_layers(tmp_path):
@@ -67,12 +67,31 @@ def test_layer_logging_off(tmp_path):
     assert all(not any("/layer/" in k for k in h) for h in train_logs(trainer))
 
 
-def test_one_host_transfer_per_logging_step(tmp_path, monkeypatch):
-    """Every device-to-host read made by gradclip_hf code during training, counted: one per logging
-    step (plus one spike-event read in a window with a spike, for its message), none in between."""
+# (options, optimizer) -> whether a flag is read at every step: only rollback/stop, and skips on optimizers that
+# cannot take the decision as a device tensor (non-fused)
+READ_CASES = [
+    (dict(clip_nonfinite="zero", **SPIKE), "adamw_torch", False),
+    (dict(clip_nonfinite="zero", **SPIKE), "adamw_torch_fused", False),
+    (dict(SPIKE), "adamw_torch_fused", False),  # nonfinite="skip" (the default) + tighten
+    (dict(clip_spike_action="skip", **SPIKE), "adamw_torch_fused", False),  # the recommended actions
+    (dict(clip_spike_action="skip", **SPIKE), "adamw_torch", True),
+    (dict(SPIKE), "adamw_torch", True),  # nonfinite="skip" on a non-fused optimizer
+    (dict(clip_spike_action="rollback", **SPIKE), "adamw_torch_fused", True),
+    (dict(clip_spike_action="stop", **SPIKE), "adamw_torch", True),
+    (dict(clip_spike_action="stop", **SPIKE), "adamw_torch_fused", True),
+]
+
+
+@pytest.mark.parametrize("options, optim, per_step", READ_CASES,
+                         ids=[f"{o.get('clip_spike_action', 'tighten')}-{o.get('clip_nonfinite', 'skip')}-{opt}"
+                              for o, opt, _ in READ_CASES])
+def test_host_reads_per_step_and_per_logging_step(tmp_path, monkeypatch, options, optim, per_step):
+    """Every device-to-host read made by gradclip_hf code during training, counted: one transfer per logging
+    step (plus one spike-event read in a window with a spike, for its message); between logging steps none,
+    or exactly one stacked read per step where the configuration needs the decision on the host."""
     reads = []
-    trainer, _ = make_trainer(tmp_path, steps=12, logging_steps=4, spike_steps=(9,), clip_nonfinite="zero",
-                              clip_log_layers_top_k=4, **SPIKE)
+    trainer, _ = make_trainer(tmp_path, steps=12, logging_steps=4, spike_steps=(9,), clip_log_layers_top_k=4,
+                              optim=optim, **options)
 
     def counting(name):
         original = getattr(torch.Tensor, name)
@@ -89,11 +108,15 @@ def test_one_host_transfer_per_logging_step(tmp_path, monkeypatch):
     trainer.train()
     monkeypatch.undo()
     logs = train_logs(trainer)
-    spike_windows = sum(1 for h in logs if h["gradclip/spikes"])
-    assert spike_windows == 1
-    assert len(reads) == len(logs) + spike_windows, reads
-    # all at logging steps
-    assert {step for step, *_ in reads} <= {h["step"] - 1 for h in logs} | {h["step"] for h in logs}
+    steps_done = trainer.state.global_step
+    per_step_reads = [r for r in reads if r[2] == "actions.py"]
+    other = [r for r in reads if r[2] != "actions.py"]
+    assert len(per_step_reads) == (steps_done if per_step else 0), per_step_reads
+    ends = 1 if steps_done % 4 else 0  # a partial last window (a stop): its counters read once at train end
+    spike_reads = 1  # the spike's events, for its message: at the logging step of its window, or at train end
+    assert len(other) == len(logs) + spike_reads + ends, other
+    assert [e.step for e in trainer.clip_run.spike_events] == [10]
+    assert {step for step, *_ in other} <= {h["step"] for h in logs} | {steps_done}
 
 
 def test_tensorboard_event_files_hold_the_metrics(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ wandb = pytest.importorskip("wandb")
 from logrun import make_trainer, train_logs  # noqa: E402
 from wandb_records import read_run  # noqa: E402
 
-from gradclip_hf.integrations.transformers.runner import METRIC_KEYS  # noqa: E402
+from gradclip_hf.integrations.transformers.metrics import METRIC_KEYS  # noqa: E402
 from gradclip_hf.integrations.wandb import WandbReporter, panel_layout  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,10 +37,10 @@ def offline_wandb(tmp_path, monkeypatch):
 
 def test_offline_run_records_metrics_histogram_table_alerts_chart(offline_wandb):
     trainer, _ = make_trainer(offline_wandb, steps=12, logging_steps=4, spike_steps=(9,), report_to=["wandb"],
-                              spike_detection="loss", spike_warmup_steps=5, spike_ratio=1.2,
+                              clip_spike_detection="loss", clip_spike_warmup_steps=5, clip_spike_ratio=1.2,
                               clip_log_layers_top_k=3, clip_wandb_histogram_every=2)
     trainer.train()
-    reporter = trainer.clip_runner.wandb
+    reporter = trainer.clip_session.wandb.reporter
     wandb.finish()
     run = read_run(offline_wandb)
     logs = {h["step"]: h for h in train_logs(trainer)}
@@ -57,7 +57,7 @@ def test_offline_run_records_metrics_histogram_table_alerts_chart(offline_wandb)
 
     histograms = [r for r in run["history"] if r.get("gradclip/layer_norms/_type") == "histogram"]
     assert [r["train/global_step"] for r in histograms] == [4, 12]  # every 2nd logging step
-    n_layers = len(trainer.clip_runner.last_layer_norms)
+    n_layers = len(trainer.clip_run.last_layer_norms)
     assert sum(histograms[-1]["gradclip/layer_norms/values"]) == n_layers
 
     tables = [r for r in run["history"] if r.get("gradclip/spike_events/_type") == "table-file"]
@@ -68,7 +68,8 @@ def test_offline_run_records_metrics_histogram_table_alerts_chart(offline_wandb)
     assert len(charts) == 1 and reporter.logged["charts"] == 1
 
     assert [a.level for a in run["alerts"]] == ["WARN"]
-    assert "step 9" in run["alerts"][0].text and "loss" in run["alerts"][0].title
+    # the spike injected into the batch of the 10th optimizer step is named as train/global_step names it
+    assert "step 10: loss" in run["alerts"][0].text and "1 spike (tighten)" in run["alerts"][0].title
 
     globs = {m.glob_name: m.step_metric for m in run["metrics"] if m.glob_name}
     assert globs.get("gradclip/*") == "train/global_step"
@@ -107,7 +108,7 @@ def test_alerts_are_rate_limited_and_stops_alert_once():
     reporter.log_step(run, 9, {}, events=events, stop_reason="stopped: spike")
     reporter.finish(run, 9, stop_reason="stopped: spike")  # pending spikes flushed in one alert
     assert [a["level"] for a in run.alerts] == ["WARN", "ERROR", "WARN"]
-    assert "2 loss spikes" in run.alerts[2]["title"]
+    assert "2 spikes" in run.alerts[2]["title"]
     tables = [r["gradclip/spike_events"] for r in run.rows if "gradclip/spike_events" in r]
     assert len(tables[-1].data) == 3
     assert WandbReporter(alerts=False).alerts is False
@@ -133,7 +134,7 @@ from logrun import make_trainer
 trainer, _ = make_trainer(pathlib.Path(sys.argv[1]), steps=2, logging_steps=1)
 trainer.train()
 assert sys.modules["wandb"] is None
-assert trainer.clip_runner.log_history
+assert trainer.clip_run.log_history
 print("OK")
 """
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
@@ -149,9 +150,10 @@ def test_importing_the_pack_does_not_import_wandb():
 
 
 def test_reporter_is_built_only_for_report_to_wandb():
-    from gradclip_hf.integrations.transformers.runner import ClipRunner
-    runner = ClipRunner()
-    runner._setup_reporting(types.SimpleNamespace(report_to=["tensorboard"]))
-    assert runner.wandb is None
-    runner._setup_reporting(types.SimpleNamespace(report_to=["wandb"]))
-    assert isinstance(runner.wandb, WandbReporter)
+    from gradclip_hf.config import ClipConfig
+    from gradclip_hf.integrations.transformers.wandb_glue import WandbGlue
+
+    run = types.SimpleNamespace(config=ClipConfig(), ship_layers=False)
+    assert WandbGlue.create(types.SimpleNamespace(report_to=["tensorboard"]), run) is None
+    glue = WandbGlue.create(types.SimpleNamespace(report_to=["wandb"]), run)
+    assert isinstance(glue.reporter, WandbReporter) and run.ship_layers  # every layer's norm, for the histogram

@@ -1,25 +1,101 @@
-"""``GradClipCallback``: configurable gradient clipping for any ``transformers.Trainer`` (and TRL's)."""
+"""``GradClipCallback``: configurable gradient clipping for any ``transformers.Trainer`` (and TRL's).
+
+A :class:`ClipSession` is what one entry point keeps across runs (the options, a user's clipper, the Trainer
+it is bound to, the current run); each ``train()`` gets a fresh :class:`~.run.ClipRun`. Callbacks are thin
+views of a session, so the copy the Trainer rebuilds when it restores callback states keeps everything.
+"""
 
 from __future__ import annotations
 
-import functools
-import logging
+import warnings
 import weakref
 from typing import Any, Optional
 
 from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 
-from ...config import ClipConfig
-from ...core import GradClipper
+from ...config import ClipConfig, option_names
+from ...core import GradClipper, OptionError
 from . import compat
-from .runner import ClipRunner, warn_once
+from .reporting import is_layer_key, logger
+from .run import ClipRun, check_trainer
+from .wandb_glue import WandbGlue
 
-logger = logging.getLogger(__name__)
+__all__ = ["GradClipCallback", "ClipSession", "ConsoleTrim", "release"]
 
-__all__ = ["GradClipCallback"]
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)  # Python shows it once per place by default
 
-_WRAPPED = "__gradclip_original__"
+
+class ClipSession:
+    """Options, binding and the current run of one entry point (see the module docstring)."""
+
+    def __init__(self, config: Optional[ClipConfig], clipper: Optional[GradClipper], owner: str):
+        self.config, self.user_clipper, self.owner = config, clipper, owner
+        self.user_clipper_state = clipper.state_dict() if clipper is not None else None
+        self.trainer_ref: Any = None
+        self.bound = False  # GradClipMixin: the Trainer class overrides; no instance wrapping
+        self.run: ClipRun | None = None
+        self.wandb: WandbGlue | None = None
+        self.pending_state: dict[str, Any] | None = None
+
+    @property
+    def trainer(self) -> Any:
+        return self.trainer_ref() if self.trainer_ref is not None else None
+
+    def live(self, trainer: Any = None) -> ClipRun | None:
+        """The run in progress for ``trainer`` (``None`` between runs, after a crash, or for another state)."""
+        run = self.run
+        if run is None or not run.open or (trainer is not None and getattr(trainer, "state", None) is not run.state):
+            return None
+        return run
+
+    def begin(self, trainer: Any, args: Any, state: Any, optimizer: Any) -> ClipRun:
+        self.end()
+        check_trainer(trainer, self.owner)
+        clipper = self.user_clipper
+        if clipper is not None:  # training twice starts from the same statistics
+            clipper.load_state_dict(self.user_clipper_state)
+        self.run = ClipRun(self.config, clipper, args=args, state=state, optimizer=optimizer, owner=self.owner)
+        self._say_threshold(args)
+        self.wandb = WandbGlue.create(args, self.run)
+        return self.run
+
+    def _say_threshold(self, args: Any) -> None:
+        max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+        logger.info("gradclip: %s: %s; the Trainer's own clipping is off for this run.", self.owner,
+                    self.run.threshold_source)
+        explicit = self.config is not None and self.config.threshold is not None
+        if explicit and max_grad_norm > 0 and self.config.threshold != max_grad_norm:
+            _warn(f"gradclip: {self.owner} clips with {self.run.threshold_source}; "
+                       f"TrainingArguments.max_grad_norm={max_grad_norm:g} is not used (the Trainer's own clipping is "
+                       f"off for this run). Leave the threshold unset to clip at max_grad_norm.")
+
+    def end(self) -> None:
+        """Close the run in progress (train end, or any exit of ``train()``); idempotent."""
+        if self.run is not None and self.run.open:
+            self.run.open = False
+            self.run.close()
+
+    def state(self) -> dict[str, Any]:
+        if self.run is not None:
+            return self.run.state_dict()
+        return dict(self.pending_state or {})
+
+
+def _as_config(config: Any, options: dict[str, Any]) -> Optional[ClipConfig]:
+    if options:
+        if config is not None:
+            raise OptionError("config", config, "None when ClipConfig options are given as keywords")
+        unknown = sorted(set(options) - set(ClipConfig.field_names()))
+        if unknown:
+            raise OptionError("options", unknown, f"ClipConfig fields ({', '.join(ClipConfig.field_names())})")
+        return ClipConfig(**options)
+    if isinstance(config, dict):
+        return ClipConfig(**config)
+    if config is not None and not isinstance(config, ClipConfig):
+        raise OptionError("config", config, "a ClipConfig, a dict of its options, or None")
+    return config
 
 
 class GradClipCallback(TrainerCallback, ExportableState):
@@ -27,181 +103,231 @@ class GradClipCallback(TrainerCallback, ExportableState):
 
     Usage::
 
-        trainer = Trainer(model=model, args=TrainingArguments(..., max_grad_norm=0),
-                          callbacks=[GradClipCallback(strategy="zscore", threshold=1.0)])
+        trainer = Trainer(model=model, args=TrainingArguments(...),
+                          callbacks=[GradClipCallback(strategy="zscore")])
 
     Args:
-        config: a :class:`~gradclip_hf.config.ClipConfig`.
+        config: a :class:`~gradclip_hf.config.ClipConfig` (or a dict of its options).
         clipper: a ready :class:`~gradclip_hf.core.GradClipper` (instead of ``config``).
         **options: ``ClipConfig`` fields (``strategy=``, ``threshold=``, ...) instead of ``config``.
 
     Behaviour:
-        * Clips in ``on_pre_optimizer_step``: gradients are accumulated, reduced and (fp16) unscaled
-          exactly once by then; the unscale is done here when nothing did it yet (checked on the
-          GradScaler's per-optimizer stage, so it is never done twice).
-        * ``max_grad_norm``: the Trainer would clip a second time. It is set to 0 for the run (and
-          restored at train end) with a one-time warning; pass ``TrainingArguments(max_grad_norm=0)``
-          to silence it.
-        * At train begin the callback finds its Trainer on the call stack and wraps that instance's
-          ``training_step`` (to get the step loss), ``log`` (to put ``grad_norm`` and ``gradclip/*``
-          metrics into the logs before W&B/TensorBoard see them) and, on transformers 5.x,
-          ``_get_grad_norm`` (so the norm is computed once). All are unwrapped at train end. If no
-          Trainer is found it warns once and logs through ``on_log`` (after the reporters).
-        * State (ZScore EMA, Quantile history) is saved in checkpoints (``ExportableState``) and
-          restored at train begin when resuming, whatever ``restore_callback_states_from_checkpoint`` is.
-        * DeepSpeed: only ``strategy="norm"`` with a constant schedule equal to DeepSpeed's
-          ``gradient_clipping`` is accepted (the engine clips; a warning says so); else ``ValueError``.
+        * Clips in ``on_pre_optimizer_step``, after backward, gradient reduction and (fp16) the unscale,
+          once per optimizer step. The threshold defaults to ``max_grad_norm``. The Trainer's own clipping
+          does nothing while the run is active; ``TrainingArguments`` are never changed.
+        * At train begin it finds its Trainer on the call stack and wraps that instance's ``training_step``
+          (the step loss), ``log`` (metrics into the logs before W&B/TensorBoard see them) and the Trainer's
+          own clip and norm calls; the wrappers act only during that run and are removed at train end. If
+          no Trainer is found it warns and logs through ``on_log`` (after the reporters).
+        * Skips go through the optimizer's step hooks; state is saved in checkpoints (``ExportableState``)
+          and restored when resuming, also from checkpoints written without the pack (fresh statistics).
     """
 
     def __init__(self, config: Optional[ClipConfig | dict] = None, clipper: Optional[GradClipper] = None,
                  _restore: bool = False, **options: Any):
-        if options and (config is not None or clipper is not None):
-            raise ValueError("Pass ClipConfig options as keywords, or `config`, or `clipper`: not several.")
-        # Rebuilt by the Trainer's own restore (`restore_callback_states_from_checkpoint=True` calls
-        # `type(cb)(**state["args"])` inside Trainer._load_callback_state): take over the runner (and any
-        # custom clipper, binding) of the instance being replaced, found on that Trainer.
-        runner = self._replaced_runner() if _restore else None
-        if runner is None:
-            if isinstance(config, dict):
-                config = ClipConfig(**config)
-            if options:
-                unknown = sorted(set(options) - set(ClipConfig.field_names()))
-                if unknown:
-                    raise TypeError(f"GradClipCallback got unknown options {unknown}; allowed: "
-                                    f"{ClipConfig.field_names()}.")
-                config = ClipConfig(**options)
-            runner = ClipRunner(config=config, clipper=clipper, owner=type(self).__name__)
-        self.runner = runner
+        session = self._replaced_session() if _restore else None
+        if session is None:
+            if _restore:  # rebuilt from a checkpoint outside a Trainer: only the defaults are known
+                options, config = {}, None
+            if clipper is not None and (config is not None or options):
+                raise OptionError("clipper", clipper, "None when ClipConfig options are given")
+            if clipper is not None and not isinstance(clipper, GradClipper):
+                raise OptionError("clipper", clipper, "a GradClipper or None")
+            config = _as_config(config, options)
+            session = ClipSession(config if clipper is not None or config is not None else ClipConfig(), clipper,
+                                  owner=type(self).__name__)
+        self.session = session
         self._fallback_logging = False
 
     @property
     def config(self) -> ClipConfig | None:
-        return self.runner.config
-
-    # The binding lives on the shared runner, so a copy rebuilt by the Trainer's callback restore keeps it.
-    @property
-    def _bound(self) -> bool:
-        return getattr(self.runner, "bound", False)
+        return self.session.config
 
     @property
-    def trainer(self) -> Any:
-        ref = getattr(self.runner, "trainer_ref", None)
-        return ref() if ref is not None else None
+    def run(self) -> ClipRun | None:
+        """The current (or last) run: ``num_clips``, ``last_report``, ``spike_events``, ``clipper``, ..."""
+        return self.session.run
 
     def bind(self, trainer: Any) -> "GradClipCallback":
         """Attach to ``trainer`` explicitly (``GradClipMixin`` does this; no stack walk, no wrapping)."""
-        self.runner.trainer_ref = weakref.ref(trainer)
-        self.runner.bound = True
+        self.session.trainer_ref, self.session.bound = weakref.ref(trainer), True
         return self
 
     @classmethod
-    def _replaced_runner(cls) -> ClipRunner | None:
+    def _replaced_session(cls) -> ClipSession | None:
         trainer = compat.find_trainer()
-        if trainer is None:
-            return None
-        current = [cb for cb in trainer.callback_handler.callbacks if type(cb) is cls]
-        return current[0].runner if current else None
+        current = [cb for cb in trainer.callback_handler.callbacks if type(cb) is cls] if trainer else []
+        return current[0].session if current else None
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
-        config = self.runner.config
-        args: dict[str, Any] = {"_restore": True}
-        if config is not None:
-            args["config"] = config.to_dict()
-        return {"args": args, "attributes": {}, "runner": self.runner.state_dict()}
+        return {"args": {"_restore": True}, "attributes": {}, "run": self.session.state()}
 
     # ------------------------------------------------------------------ events
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer if self._bound else compat.find_trainer()
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        session = self.session
+        trainer = session.trainer if session.bound else compat.find_trainer()
         if trainer is not None:
-            if not self._bound:
-                self.runner.trainer_ref = weakref.ref(trainer)
-            others = [cb for cb in trainer.callback_handler.callbacks
-                      if isinstance(cb, GradClipCallback) and cb.runner is not self.runner]
-            if others:
-                raise ValueError("Several gradient clippers on one Trainer (a GradClipTrainer and/or several "
-                                 "GradClipCallback): gradients would be clipped more than once. Keep one.")
+            if not session.bound:
+                session.trainer_ref = weakref.ref(trainer)
+            _check_single(trainer, session)
         self._fallback_logging = trainer is None
         if trainer is None:
-            warn_once("no_trainer", "GradClipCallback could not find its Trainer on the call stack: it clips, "
-                      "but cannot see the step loss, and logs its metrics through on_log (after W&B/TensorBoard "
-                      "callbacks). Use GradClipTrainer or GradClipMixin for full integration.")
-        self.runner.setup(trainer, args, state, warn_max_grad_norm=not self._bound)
-        if self.runner.active and state.global_step > 0:  # resume: our state was read from the checkpoint
-            saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-            if isinstance(saved, list):
-                saved = saved[-1] if saved else None
-            if isinstance(saved, dict) and saved.get("runner"):
-                self.runner.load_state_dict(saved["runner"])
-        if trainer is not None and not self._bound and self.runner.active:
-            self._wrap(trainer)
+            _warn("gradclip: GradClipCallback could not find its Trainer on the call stack: it "
+                       "clips, but cannot see the step loss, and logs its metrics through on_log (after W&B and "
+                       "TensorBoard). Use GradClipTrainer or GradClipMixin for the full integration.")
+        run = session.begin(trainer, args, state, optimizer)
+        _restore_state(run, state, type(self).__name__)
+        state.stateful_callbacks[type(self).__name__] = self.state()  # a later save finds our entry
+        if trainer is not None:
+            _wrap(trainer, session, methods=not session.bound)
+            ConsoleTrim.place(trainer)
         return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        trainer = self.trainer
-        model = model if model is not None else getattr(trainer, "model", None)
-        self.runner.clip_step(model, state.global_step, optimizer, control=control, state=state)
+        run = self.session.live()
+        if run is not None:
+            trainer = self.session.trainer
+            run.step(model if model is not None else getattr(trainer, "model", None), state, optimizer)
+            _apply_stop(run, control)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        run = self.session.live()
+        if run is not None:
+            _apply_stop(run, control)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        run = self.session.live()
+        if run is None:
+            return control
         if self._fallback_logging and logs is not None:
-            self.runner.inject(logs)
-        self.runner.report(state)  # W&B extras (histogram, spike table, alerts) when W&B is active
+            run.inject(logs, state)
+        if self.session.wandb is not None:
+            self.session.wandb.after_log(state)
+        _apply_stop(run, control)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if trainer is not None and not self._bound:
-            self._unwrap(trainer)
-        self.runner.finish_report(state)  # W&B end-of-run chart
-        self.runner.teardown(args)
+        session = self.session
+        if session.wandb is not None and session.live() is not None:
+            session.wandb.finish(state)
+        if session.trainer is not None:
+            release(session.trainer)
+        session.end()
         return control
 
-    # ------------------------------------------------------------------ instance wrapping
-    def _wrap(self, trainer: Any) -> None:
-        runner = self.runner
-        self._unwrap(trainer)  # a crashed earlier run may have left wrappers
 
-        def wrap(name: str, make):
-            original = getattr(trainer, name)
-            wrapper = make(original)
-            setattr(wrapper, _WRAPPED, (original, name in trainer.__dict__))
-            setattr(trainer, name, wrapper)
+def _check_single(trainer: Any, session: ClipSession) -> None:
+    others = [cb for cb in trainer.callback_handler.callbacks
+              if isinstance(cb, GradClipCallback) and cb.session is not session]
+    if others:
+        raise ValueError("gradclip: several gradient clippers on one Trainer (a GradClipTrainer and/or several "
+                         "GradClipCallback): gradients would be clipped more than once. Keep one.")
 
-        def make_training_step(original):
-            @functools.wraps(original)
-            def training_step(*a, **kw):
-                loss = original(*a, **kw)
-                runner.add_loss(loss)
-                return loss
-            return training_step
 
-        def make_log(original):
-            @functools.wraps(original)
-            def log(logs, *a, **kw):
-                runner.inject(logs)
-                return original(logs, *a, **kw)
-            return log
+def _apply_stop(run: ClipRun, control: Any) -> None:
+    if run.stop_reason is not None:
+        control.should_training_stop = True
 
-        def make_no_norm(original):
-            @functools.wraps(original)
-            def no_norm(*a, **kw):
-                return None if runner.active else original(*a, **kw)
-            return no_norm
 
-        wrap("training_step", make_training_step)
-        wrap("log", make_log)
-        if compat.has_grad_norm_hooks():
-            wrap("_get_grad_norm", make_no_norm)
+def _restore_state(run: ClipRun, state: Any, name: str) -> None:
+    """On resume, our statistics from the checkpoint's ``trainer_state.json`` (checked field by field)."""
+    if not state.global_step:
+        return
+    saved = (state.stateful_callbacks or {}).get(name)
+    if isinstance(saved, list):
+        saved = saved[-1] if saved else None
+    run_state = saved.get("run", saved.get("runner")) if isinstance(saved, dict) else None
+    if not run_state:
+        logger.warning("gradclip: the checkpoint at step %d holds no gradclip state (written without the pack, or "
+                       "before its first step): the clipping statistics start fresh.", state.global_step)
+        return
+    run.load_state_dict(run_state, source=f"the trainer_state.json of the checkpoint at step {state.global_step} "
+                                          f"(stateful_callbacks['{name}'])")
 
-    def _unwrap(self, trainer: Any) -> None:
-        for name in ("training_step", "log", "_get_grad_norm"):
-            current = trainer.__dict__.get(name)
-            info = getattr(current, _WRAPPED, None)
-            if info is None:
-                continue
-            original, was_instance_attr = info
-            if was_instance_attr:
-                setattr(trainer, name, original)
-            else:
-                del trainer.__dict__[name]
+
+# ---------------------------------------------------------------------- instance wrapping (bare callback)
+_WRAPPED = "__gradclip_original__"
+
+
+class _InstanceWrapper:
+    """``make(original, *args)`` set on one instance in place of its method ``original``."""
+
+    def __init__(self, make: Any, original: Any, was_instance_attribute: bool):
+        self.make, self.original, self.was_instance_attribute = make, original, was_instance_attribute
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.make(self.original, *args, **kwargs)
+
+
+def _wrap(trainer: Any, session: ClipSession, methods: bool = True) -> None:
+    """Wrap this Trainer instance's methods (``methods``: a bare callback; the mixin overrides them) and, on
+    transformers 4.x, its accelerator's ``clip_grad_norm_``, for this run. A wrapper acts only while its run
+    is live for this Trainer (``session.live(trainer)``): left behind by a crash, it calls the original."""
+    _unwrap(trainer)
+
+    def training_step(original, *a, **kw):
+        loss = original(*a, **kw)
+        run = session.live(trainer)
+        if run is not None:
+            run.loss.add(loss)
+        return loss
+
+    def log(original, logs, *a, **kw):
+        run = session.live(trainer)
+        if run is not None:
+            run.inject(logs, trainer.state)
+        return original(logs, *a, **kw)
+
+    def no_op(original, *a, **kw):  # the Trainer's own clip / norm pass: ours replaces it
+        return None if session.live(trainer) is not None else original(*a, **kw)
+
+    targets = [(trainer, "training_step", training_step), (trainer, "log", log)] if methods else []
+    if compat.has_grad_norm_hooks():
+        targets += [(trainer, "_clip_grad_norm", no_op), (trainer, "_get_grad_norm", no_op)] if methods else []
+    else:  # transformers 4.x clips inline with the accelerator
+        targets.append((trainer.accelerator, "clip_grad_norm_", no_op))
+    for owner, name, make in targets:
+        setattr(owner, name, _InstanceWrapper(make, getattr(owner, name), name in owner.__dict__))
+
+
+def _unwrap(trainer: Any) -> None:
+    for owner in (trainer, getattr(trainer, "accelerator", None)):
+        for name, value in list(getattr(owner, "__dict__", {}).items()):
+            if isinstance(value, _InstanceWrapper):
+                if value.was_instance_attribute:
+                    setattr(owner, name, value.original)
+                else:
+                    del owner.__dict__[name]
+
+
+def release(trainer: Any) -> None:
+    """Undo what a run set up on ``trainer``: instance wrappers and the console filter."""
+    _unwrap(trainer)
+    ConsoleTrim.remove(trainer)
+
+
+class ConsoleTrim(TrainerCallback):
+    """Drops the per-layer keys from the logs right before the console printer: W&B, TensorBoard and the
+    other reporters (earlier in the callback list) and ``trainer_state.json`` keep them."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            for key in [k for k in logs if is_layer_key(k)]:
+                del logs[key]
+        return control
+
+    @classmethod
+    def place(cls, trainer: Any) -> None:
+        callbacks = trainer.callback_handler.callbacks
+        if any(isinstance(cb, cls) for cb in callbacks):
+            return
+        printers = [i for i, cb in enumerate(callbacks) if isinstance(cb, (PrinterCallback, ProgressCallback))]
+        callbacks.insert(printers[0] if printers else len(callbacks), cls())
+
+    @classmethod
+    def remove(cls, trainer: Any) -> None:
+        callbacks = trainer.callback_handler.callbacks
+        callbacks[:] = [cb for cb in callbacks if not isinstance(cb, cls)]

@@ -1,4 +1,4 @@
-"""Every private Trainer / accelerate / torch detail the integration relies on, in ONE place.
+"""Every private (or unstable) Trainer / accelerate / torch detail the integration relies on, in ONE place.
 
 Verified against transformers 5.23.0 and 4.57.6 (accelerate 1.15, torch 2.13): read in both sources, and
 ``tests/integration`` and ``tests/logging`` run on both in CI (``make test``: ``.venv`` and ``.venv-tf4``).
@@ -6,38 +6,39 @@ Verified against transformers 5.23.0 and 4.57.6 (accelerate 1.15, torch 2.13): r
 =====================================  ==========  =========  =================================================
 name                                   5.23.0      4.57.6     how we use it
 =====================================  ==========  =========  =================================================
-``Trainer.training_step(model, inputs,  yes         yes        overridden (mixin) / wrapped on the instance
-num_items_in_batch=None)``                                      (callback): sum of its returns over one optimizer
-                                                                step = the step's mean loss (GA-normalised)
-``Trainer.log(logs, start_time=None)``  yes         yes        overridden / wrapped: metrics are put into ``logs``
-                                                                before reporters (W&B, TensorBoard) see them
-``Trainer._get_grad_norm(model,         yes         absent     overridden / wrapped to return ``None`` while we
-grad_norm=None)``                                               clip: skips 5.x's extra ``clip_grad_norm_(inf)``
-                                                                pass (the norm is computed once, by us)
-``Trainer._clip_grad_norm(model)``      yes         absent     same (only called when ``max_grad_norm > 0``)
-``args.max_grad_norm``                  ``> 0``     ``> 0``    set to ``0.0`` for the run (never ``None``: 5.x
-                                        (None:      (None ok)  compares it with ``>``), restored at train end
-                                        TypeError)
-``callback on_pre_optimizer_step``      yes         yes        where we clip: after backward/grad reduction,
-                                                                before ``optimizer.step()``, once per step
-``Trainer.is_deepspeed_enabled``,       yes         yes        DeepSpeed detection (DeepSpeed steps inside
-``accelerator.distributed_type``                                ``backward``: we cannot clip, only its engine)
-``TrainerState.stateful_callbacks``     yes         yes        our state is read back at train begin (resume)
-``AcceleratedOptimizer.scaler``,        yes         yes        fp16: unscale once, by the scaler's stage
-``.optimizer``, ``._is_overflow``                               ``_is_overflow``: marks a step we skipped so the
-                                                                Trainer does not advance the LR scheduler
+``Trainer._clip_grad_norm(model)``      yes         absent     overridden (mixin) / wrapped on the instance
+``Trainer._get_grad_norm(model,                                (callback) to do nothing while our run is
+grad_norm=None)``                                              active: the Trainer neither clips nor measures
+                                                               (no extra norm pass); ``args`` are never changed
+``Accelerator.clip_grad_norm_``         (used)      yes        4.57 clips inline with it when ``max_grad_norm
+                                                               > 0``: wrapped on the Trainer's accelerator
+                                                               instance to do nothing while our run is active
+``callback on_pre_optimizer_step``      yes         yes        where we clip: after backward, gradient
+                                                               reduction and (our) fp16 unscale, before
+                                                               ``optimizer.step()``, once per step
+``Trainer.is_deepspeed_enabled``,       yes         yes        DeepSpeed detection (its engine steps inside
+``accelerator.distributed_type``                                ``backward``)
+``accelerator.state.fsdp_plugin``       yes         yes        FSDP1 refusal (flat local shards)
+``TrainerState.stateful_callbacks``     yes         yes        our entry is added at train begin, so a resume
+                                                                from a checkpoint written without us can save
+``AcceleratedOptimizer.scaler``,        yes         yes        fp16: unscale once, by the scaler's stage; the
+``.optimizer``                                                  inner torch optimizer gets the step hooks
 ``GradScaler._per_optimizer_states``    torch 2.x   torch 2.x  ``[id(opt)]["stage"] is OptState.READY``
+``Optimizer._step_supports_amp_scaling``torch 2.x   torch 2.x  fused optimizers: ``grad_scale``/``found_inf``
 =====================================  ==========  =========  =================================================
+
+Nothing here writes a private attribute: the skip goes through the optimizer's public step hooks
+(:class:`~gradclip_hf.integrations.optim.StepGate`), and the LR scheduler advances on a skipped step (the
+Trainer steps it unless a GradScaler reports an overflow).
 """
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Any
 
-__all__ = ["find_trainer", "unscale_once", "is_deepspeed", "fsdp_version", "HAS_GRAD_NORM_HOOKS",
-           "inner_optimizer", "scaler_enabled"]
+__all__ = ["find_trainer", "unscale_once", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks",
+           "inner_optimizer", "scaler_enabled", "deepspeed_clipping"]
 
 
 def _trainer_cls():
@@ -45,20 +46,10 @@ def _trainer_cls():
     return Trainer
 
 
-def _has_hooks() -> bool:
+def has_grad_norm_hooks() -> bool:
+    """5.x has ``_clip_grad_norm``/``_get_grad_norm``; 4.57 clips inline with ``accelerator.clip_grad_norm_``."""
     trainer = _trainer_cls()
     return hasattr(trainer, "_get_grad_norm") and hasattr(trainer, "_clip_grad_norm")
-
-
-HAS_GRAD_NORM_HOOKS = None  # computed lazily (importing transformers is slow)
-
-
-def has_grad_norm_hooks() -> bool:
-    """5.x has ``_clip_grad_norm``/``_get_grad_norm``; 4.57 clips inline in ``_inner_training_loop``."""
-    global HAS_GRAD_NORM_HOOKS
-    if HAS_GRAD_NORM_HOOKS is None:
-        HAS_GRAD_NORM_HOOKS = _has_hooks()
-    return HAS_GRAD_NORM_HOOKS
 
 
 def find_trainer(max_depth: int = 32) -> Any | None:
@@ -90,12 +81,9 @@ def scaler_enabled(optimizer: Any) -> bool:
 def unscale_once(optimizer: Any) -> bool:
     """Unscale fp16 gradients exactly once per step; return whether this call unscaled.
 
-    accelerate's ``AcceleratedOptimizer`` carries the ``GradScaler`` (``.scaler``). In 5.x the
-    Trainer's ``_get_grad_norm``/``_clip_grad_norm`` pass unscales before ``on_pre_optimizer_step``
-    (unless our hooks replaced it); 4.57 with ``max_grad_norm=0`` does not. ``GradScaler.unscale_``
-    raises if called twice in a step, and ``scaler.step()`` unscales again only when the stage is
-    still ``READY``. So: unscale when, and only when, the stage is ``READY`` (by state, not version).
-    """
+    accelerate's ``AcceleratedOptimizer`` carries the ``GradScaler`` (``.scaler``). ``GradScaler.unscale_``
+    raises if called twice in a step, and ``scaler.step()`` unscales only when the stage is still ``READY``.
+    So: unscale when, and only when, the stage is ``READY`` (by state, not version)."""
     if not scaler_enabled(optimizer):
         return False
     from torch.amp.grad_scaler import OptState
@@ -121,8 +109,7 @@ def is_deepspeed(trainer: Any) -> bool:
 def deepspeed_clipping(trainer: Any) -> float | None:
     """DeepSpeed's ``gradient_clipping`` (the engine's threshold), else ``args.max_grad_norm``."""
     try:
-        plugin = trainer.accelerator.state.deepspeed_plugin
-        value = plugin.deepspeed_config.get("gradient_clipping")
+        value = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
         if isinstance(value, (int, float)):
             return float(value)
     except AttributeError:
@@ -132,8 +119,8 @@ def deepspeed_clipping(trainer: Any) -> float | None:
 
 
 def fsdp_version(trainer: Any) -> int | None:
-    """1 or 2 when the Trainer's model is sharded by accelerate's FSDP plugin, else ``None`` (accelerate
-    keeps a given plugin but runs plain DDP where it cannot shard, e.g. on CPU: that is not FSDP)."""
+    """1 or 2 when the Trainer's model is sharded by accelerate's FSDP plugin, else ``None`` (accelerate keeps a
+    given plugin but runs plain DDP where it cannot shard, e.g. on CPU: that is not FSDP)."""
     from accelerate.utils import DistributedType
 
     accelerator = getattr(trainer, "accelerator", None)
@@ -141,10 +128,3 @@ def fsdp_version(trainer: Any) -> int | None:
     if plugin is None or getattr(accelerator, "distributed_type", None) != DistributedType.FSDP:
         return None
     return int(getattr(plugin, "fsdp_version", 1))
-
-
-def call_accepts(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False

@@ -1,4 +1,5 @@
-"""Per-layer gradient norms in the Trainer logs: which layers to log, under which keys.
+"""Reporting on the host: per-layer gradient norms in the logs (which layers, under which keys) and the
+spike messages. Every message starts with ``gradclip:`` and names steps as ``train/global_step`` does.
 
 The core already computes the pre-clip norm of every measured gradient (``ClipReport.per_tensor_norms``);
 the runner ships that vector to the host together with the window's scalars in its one transfer per
@@ -8,14 +9,24 @@ logging step, and these helpers turn it into ``gradclip/layer/<name>`` (and, aft
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["LAYER_PREFIX", "SPIKE_LAYER_PREFIX", "LayerSelector"]
+__all__ = ["LAYER_PREFIX", "SPIKE_LAYER_PREFIX", "LayerSelector", "SpikeMessages", "logger", "is_layer_key"]
+
+logger = logging.getLogger("transformers.gradclip_hf")  # transformers.logging.set_verbosity_* applies
+MAX_MESSAGES = 5  # spike messages per logging step; the rest in one summary line
 
 LAYER_PREFIX = "gradclip/layer/"
 SPIKE_LAYER_PREFIX = "gradclip/spike_layer/"
+
+
+def is_layer_key(key: str) -> bool:
+    """Per-layer keys: in the logs for the reporters (W&B, TensorBoard, ...), not printed on the console."""
+    return LAYER_PREFIX in key or SPIKE_LAYER_PREFIX in key
 
 
 def _rank(value: float) -> tuple[int, float]:
@@ -32,8 +43,6 @@ class LayerSelector:
     """
 
     def __init__(self, top_k: int = 8, patterns: Sequence[str] = ()):
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"`log_layers_top_k` must be an int >= 0, got {top_k!r}.")
         self.top_k = top_k
         self.patterns = [patterns] if isinstance(patterns, str) else list(patterns or ())
         self._compiled = [re.compile(p) for p in self.patterns]
@@ -67,3 +76,28 @@ class LayerSelector:
         """The ``k`` largest ``(name, norm)`` pairs, non-finite norms first."""
         order = sorted(range(len(values)), key=lambda i: _rank(values[i]))[:k]
         return [(names[i], float(values[i])) for i in order]
+
+
+class SpikeMessages:
+    """Reads the spike events back at logging steps (one transfer, only when there were spikes) and writes
+    one warning per spike, at most ``MAX_MESSAGES`` per read, then one line for the rest."""
+
+    def __init__(self, clipper: Any, owner: str):
+        self.clipper, self.owner = clipper, owner
+        self.seen = 0  # events already read (restored on resume)
+        self.events: list[Any] = []  # every spike read back in this run
+
+    def read(self, action: str) -> list[Any]:
+        spikes = self.clipper.spikes
+        if spikes is None:
+            return []
+        events, total = spikes.read_events(self.seen)
+        overwritten = total - self.seen - len(events)
+        self.seen = total
+        for event in events[:MAX_MESSAGES]:
+            logger.warning("gradclip: %s", event.describe(self.clipper.base_threshold(event.step - 1), action))
+        rest = len(events) + overwritten - min(len(events), MAX_MESSAGES)
+        if rest > 0 and events:
+            logger.warning("gradclip: ... and %d more spikes up to step %d.", rest, events[-1].step)
+        self.events.extend(events)
+        return events

@@ -7,73 +7,95 @@ from typing import Any, Optional
 from transformers import Trainer
 
 from ...config import ClipConfig
-from ...core import GradClipper
-from .callback import GradClipCallback
-from .runner import ClipRunner
+from ...core import GradClipper, OptionError
+from .callback import ClipSession, GradClipCallback, release
+from .run import ClipRun
 
-__all__ = ["GradClipMixin", "GradClipTrainer"]
+__all__ = ["GradClipMixin", "GradClipTrainer", "config_from_args"]
 
 
-def _config_from_args(args: Any) -> ClipConfig:
+def config_from_args(args: Any) -> ClipConfig:
+    """The options of ``args``: ``clip_*`` fields (``GradClipTrainingArguments``), else the drop-in of plain
+    ``TrainingArguments``: norm clipping at ``max_grad_norm``, measure only when it is 0 (as the stock Trainer)."""
     if hasattr(args, "clip_config"):
         return args.clip_config()
-    # a plain TrainingArguments: the drop-in, norm clipping at max_grad_norm (measure only if 0)
-    max_grad_norm = getattr(args, "max_grad_norm", 0.0) or 0.0
-    if max_grad_norm > 0:
-        return ClipConfig(strategy="norm", threshold=float(max_grad_norm))
-    return ClipConfig(strategy="none", threshold=None)
+    if (getattr(args, "max_grad_norm", 0.0) or 0.0) > 0:
+        return ClipConfig()
+    return ClipConfig(strategy="none")
 
 
 class GradClipMixin:
-    """Mix into any ``Trainer`` subclass (``class MySFT(GradClipMixin, SFTTrainer)``) to replace its
-    gradient clipping: each optimizer step computes the norm once, clips with the configured
-    strategy and schedule, and logs the pre-clip norm as ``grad_norm`` plus ``gradclip/*`` metrics.
+    """Mix into any ``Trainer`` subclass (``class MySFT(GradClipMixin, SFTTrainer)``) to replace its gradient
+    clipping: each optimizer step computes the norm once, clips with the configured strategy and schedule,
+    and logs the pre-clip norm as ``grad_norm`` plus ``gradclip/*`` metrics.
 
-    Options come from ``GradClipTrainingArguments`` (``clip_*`` fields), or ``clip_config=`` /
-    ``clipper=`` keywords; with plain ``TrainingArguments`` it clips by norm at ``max_grad_norm``
-    exactly as the stock Trainer (bit-identical). The Trainer's own clipping is turned off for the
-    run (``max_grad_norm`` is set to 0 during ``train()`` and restored after).
+    Options come from ``GradClipTrainingArguments`` (``clip_*`` fields) or the ``clip_config=`` / ``clipper=``
+    keywords; with plain ``TrainingArguments`` it clips by norm at ``max_grad_norm`` exactly as the stock
+    Trainer (bit-identical). ``TrainingArguments`` are never changed; whatever the pack sets up for a run
+    (optimizer hooks, the console filter) is removed when ``train()`` leaves, by any exit.
 
-    Overrides ``training_step`` (step loss), ``log`` (metrics before reporters), and on
-    transformers 5.x ``_get_grad_norm``/``_clip_grad_norm`` (no second norm pass); clipping itself
-    happens in a bound :class:`GradClipCallback` placed first among the callbacks
-    (``on_pre_optimizer_step``, the one hook before ``optimizer.step()`` shared by 4.57 and 5.x).
+    Overrides ``train`` (``try``/``finally``), ``training_step`` (the step loss), ``log`` (metrics before the
+    reporters) and, on transformers 5.x, ``_clip_grad_norm``/``_get_grad_norm`` (they do nothing while the
+    pack's run is active: no second norm pass). Clipping itself happens in a bound :class:`GradClipCallback`
+    placed first among the callbacks (``on_pre_optimizer_step``).
     """
 
     def __init__(self, *args: Any, clip_config: Optional[ClipConfig] = None,
                  clipper: Optional[GradClipper] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if clip_config is not None and not isinstance(clip_config, ClipConfig):
+            raise OptionError("clip_config", clip_config, "a ClipConfig or None")
+        if clipper is not None and not isinstance(clipper, GradClipper):
+            raise OptionError("clipper", clipper, "a GradClipper or None")
+        if (clip_config is not None or clipper is not None) and hasattr(self.args, "clip_config"):
+            set_fields = sorted("clip_" + k for k in self.args.clip_config().non_default())
+            if set_fields:
+                raise ValueError(f"{type(self).__name__}: options given twice: clip_config=/clipper= and the "
+                                 f"arguments' {', '.join(set_fields)}. Pass them in one place.")
         if clipper is None and clip_config is None:
-            clip_config = _config_from_args(self.args)
+            clip_config = config_from_args(self.args)
         callback = GradClipCallback(config=clip_config, clipper=clipper).bind(self)
-        callback.runner.owner = type(self).__name__
+        callback.session.owner = type(self).__name__
         self._gradclip_callback = callback
         self.callback_handler.callbacks.insert(0, callback)
 
     @property
-    def clip_runner(self) -> ClipRunner:
-        """The :class:`ClipRunner` (``num_clips``, ``last_report``, ``log_history``, ``clipper``)."""
-        return self._gradclip_callback.runner
+    def clip_session(self) -> ClipSession:
+        return self._gradclip_callback.session
+
+    @property
+    def clip_run(self) -> ClipRun | None:
+        """The current (or last) run: ``clipper``, ``last_report``, ``num_clips``, ``spike_events``, ..."""
+        return self.clip_session.run
+
+    def train(self, *args: Any, **kwargs: Any):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # any exit: the optimizer hooks and the console filter go, the run closes
+            release(self)
+            self.clip_session.end()
 
     def training_step(self, model, inputs, *args: Any, **kwargs: Any):
         loss = super().training_step(model, inputs, *args, **kwargs)
-        self._gradclip_callback.runner.add_loss(loss)
+        run = self.clip_session.live(self)
+        if run is not None:
+            run.loss.add(loss)
         return loss
 
     def log(self, logs, *args: Any, **kwargs: Any) -> None:
-        self._gradclip_callback.runner.inject(logs)
+        run = self.clip_session.live(self)
+        if run is not None:
+            run.inject(logs, self.state)
         return super().log(logs, *args, **kwargs)
 
-    # transformers >= 5: the norm is ours, computed once in on_pre_optimizer_step
+    # transformers >= 5: the Trainer neither clips nor measures while the pack's run is active
+    def _clip_grad_norm(self, model):
+        return None if self.clip_session.live(self) is not None else super()._clip_grad_norm(model)
+
     def _get_grad_norm(self, model, grad_norm=None):
-        if self._gradclip_callback.runner.active:
+        if self.clip_session.live(self) is not None:
             return None
         return super()._get_grad_norm(model, grad_norm=grad_norm)
-
-    def _clip_grad_norm(self, model):
-        if self._gradclip_callback.runner.active:
-            return None
-        return super()._clip_grad_norm(model)
 
 
 class GradClipTrainer(GradClipMixin, Trainer):
@@ -81,7 +103,7 @@ class GradClipTrainer(GradClipMixin, Trainer):
 
     Example::
 
-        args = GradClipTrainingArguments(output_dir="out", clip_strategy="zscore", clip_threshold=1.0,
-                                         clip_schedule="cosine", clip_threshold_final=0.3)
+        args = GradClipTrainingArguments(output_dir="out", clip_strategy="zscore", clip_schedule="cosine",
+                                         clip_threshold_final=0.3)
         trainer = GradClipTrainer(model=model, args=args, train_dataset=ds)
     """

@@ -1,0 +1,226 @@
+"""``ClipRun``: the pack on one ``Trainer.train()``: built at train begin, closed when training ends.
+
+It ties the per-step jobs together: :class:`~.metrics.StepLoss` (the step loss), the clipper, the
+:class:`~.actions.StepActions` (skip, rollback, stop through the optimizer's
+:class:`~gradclip_hf.integrations.optim.StepGate`), the :class:`~.metrics.MetricsWindow` (what is logged, read
+in one transfer per logging step) and the reporting (spike messages, W&B extras).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+
+from ...config import ClipConfig
+from ...core import ClipReport, GradClipper, SpikeEvent, StateError
+from ..optim import StepGate
+from . import compat
+from .actions import StepActions, logger
+from .metrics import MetricsWindow, StepLoss, to_host
+from .reporting import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages
+
+__all__ = ["ClipRun", "check_trainer"]
+
+
+def check_trainer(trainer: Any, owner: str) -> None:
+    """Compatibility checked at train start, with the fix spelled out."""
+    if trainer is not None and compat.fsdp_version(trainer) == 1:
+        raise ValueError(
+            f"{owner}: FSDP1 (fsdp_version 1) shards flattened parameters into plain tensors, so each rank would "
+            f"measure only its own shard and ranks would clip differently. Use FSDP2: fsdp_config={{'version': 2}} "
+            f"in TrainingArguments (transformers 5.x), or fsdp_version: 2 in the accelerate config "
+            f"(FSDP_VERSION=2), whose DTensor gradients give the global norm; DDP works too.")
+    if trainer is not None and compat.is_deepspeed(trainer):
+        raise ValueError(f"{owner}: DeepSpeed steps inside its engine during backward(), before any Trainer hook; "
+                         f"use the DeepSpeed integration (see docs/distributed.md) or train without DeepSpeed.")
+
+
+class ClipRun:
+    """One training run. ``config`` (or a ready ``clipper``) and the Trainer's ``args``/``state``/optimizer.
+
+    Attributes read by users and tests: ``clipper``, ``last_report``, ``num_clips``, ``skipped_steps``,
+    ``spike_events`` (every spike read back), ``stop_reason``, ``rollbacks``, ``log_history`` (the metrics
+    logged), ``threshold_source`` (where the threshold in force came from).
+    """
+
+    def __init__(self, config: ClipConfig | None, clipper: GradClipper | None, *, args: Any, state: Any,
+                 optimizer: Any, owner: str):
+        self.config, self.owner = config or ClipConfig(), owner
+        self.state, self.open = state, True  # the TrainerState of this run; open until train() leaves
+        max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+        if clipper is None:
+            total = int(getattr(state, "max_steps", 0) or 0) or None
+            self.clipper = self.config.build(total, max_grad_norm)
+            self.threshold_source = self._describe_threshold(max_grad_norm)
+        else:
+            self.clipper, self.threshold_source = clipper, "a GradClipper passed in"
+        inner = compat.inner_optimizer(optimizer) if optimizer is not None else None
+        self.gate = StepGate(inner) if isinstance(inner, torch.optim.Optimizer) else None
+        self.defer = self.gate is not None and self.gate.fused and self.config.defers_to_optimizer
+        self.actions = StepActions(self.clipper, self.gate, owner, self.config.nonfinite_max_consecutive,
+                                   scaler=optimizer is not None and compat.scaler_enabled(optimizer),
+                                   snapshot_every=self.config.spike_snapshot_every)
+        self.loss, self.window = StepLoss(), MetricsWindow()
+        self.layers = LayerSelector(self.config.log_layers_top_k, self.config.log_layer_patterns)
+        self.messages = SpikeMessages(self.clipper, owner)
+        self.last_report: ClipReport | None = None
+        self.num_clips = self.skipped_steps = self.nonfinite_steps = 0
+        self.log_history: list[dict[str, float]] = []
+        self.last_layer_norms: dict[str, float] = {}
+        self.last_spike_layers: list[tuple[str, float]] = []
+        self.ship_layers = self.layers.enabled  # every layer's norm in the logging transfer
+        self._unreported: dict[str, float] | None = None
+        self._clipped_step: int | None = None
+
+    def _describe_threshold(self, max_grad_norm: float) -> str:
+        c = self.config
+        threshold = c.resolved_threshold(max_grad_norm)
+        if c.threshold is not None:
+            source = "set on the pack"
+        elif threshold is None:
+            source = "none: the strategy sets its own"
+        else:
+            source = f"from max_grad_norm={max_grad_norm:g}" if max_grad_norm > 0 else "max_grad_norm is 0: no cap"
+        shown = "none" if threshold is None or math.isinf(threshold) else f"{threshold:g}"
+        return f"strategy {c.strategy}, threshold {shown} ({source})"
+
+    @property
+    def spike_events(self) -> list[SpikeEvent]:
+        return self.messages.events
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.actions.stop_reason
+
+    @property
+    def rollbacks(self) -> int:
+        return self.actions.rollbacks
+
+    # ------------------------------------------------------------------ per step
+    def step(self, model: Any, state: Any, optimizer: Any) -> ClipReport | None:
+        """Before ``optimizer.step()``: unscale fp16 gradients once, clip once, arm the step's decision."""
+        step = int(state.global_step)
+        if self._clipped_step == step:  # a second hook at the same step: never clip twice
+            return self.last_report
+        self._clipped_step = step
+        if optimizer is not None:
+            compat.unscale_once(optimizer)
+        report = self.clipper.clip_(model, step=step, loss=self.loss.take(), defer=self.defer)
+        skip = self.actions.skip_flag(report)
+        self.window.add(report, skip, keep_spike_layers=self.layers.top_k > 0)
+        inner = compat.inner_optimizer(optimizer) if optimizer is not None else None
+        self.actions.after_clip(report, skip, model, inner, state)
+        self.num_clips += 1
+        self.last_report = report
+        return report
+
+    # ------------------------------------------------------------------ logging
+    def metrics(self, state: Any = None) -> dict[str, float]:
+        """The window's metrics as floats (ONE device-to-host transfer); ``{}`` if no step since the last log.
+        Spike events are read back (a second transfer, only when there were spikes) and reported."""
+        r = self.last_report
+        if self.window.sums is None or r is None:
+            return {}
+        named = self.window.tensors(r)
+        named.update(self.actions.nonfinite_run_tensors())
+        if self.ship_layers:
+            named["layers"] = r.per_tensor_norms
+        spike_vector = self.window.spike_norms if self.layers.top_k and r.spike is not None else None
+        if spike_vector is not None:
+            named["spike_layers"] = spike_vector
+        values = to_host(named)
+        out = self.window.metrics(values, with_spikes=r.spike is not None)
+        self.skipped_steps += out["gradclip/skipped_steps"]
+        self.nonfinite_steps += out["gradclip/nonfinite_steps"]
+        if out["gradclip/nonfinite_steps"] and state is not None:
+            self._say_nonfinite(out["gradclip/nonfinite_steps"], int(state.global_step))
+        if "nonfinite_run" in values and state is not None:
+            self.actions.check_nonfinite_run(int(values["nonfinite_run"][0]), int(state.global_step), state)
+        if "layers" in values:
+            self.last_layer_norms = dict(zip(r.names, values["layers"]))
+            out.update(self.layers.select(r.names, values["layers"]))
+        if out.get("gradclip/spikes"):
+            self.messages.read(self.actions.action.value)
+            if spike_vector is not None and len(values["spike_layers"]) == len(self.window.spike_names):
+                self.last_spike_layers = LayerSelector.top(self.window.spike_names, values["spike_layers"],
+                                                           self.layers.top_k)
+                out.update({SPIKE_LAYER_PREFIX + n: v for n, v in self.last_spike_layers})
+        return out
+
+    def _say_nonfinite(self, count: int, step: int) -> None:
+        policy = self.clipper.nonfinite.value
+        what = {"skip": "their updates skipped", "zero": "their gradients zeroed", "ignore": "left as they were",
+                "raise": ""}[policy]
+        logger.warning("gradclip: step %d: %d step%s with NaN/Inf gradients since the last log, %s (nonfinite=%r).",
+                       step, count, "s" if count > 1 else "", what, policy)
+
+    def inject(self, logs: dict[str, Any], state: Any = None) -> dict[str, float]:
+        """Put the window metrics into a training ``logs`` dict (before the reporters see it)."""
+        if "loss" not in logs:
+            return {}
+        metrics = self.metrics(state)
+        if not metrics:
+            return {}
+        items = list(logs.items())
+        logs.clear()
+        for key, value in items:  # grad_norm right after loss, as the stock Trainer orders it
+            if key != "grad_norm":
+                logs[key] = value
+            if key == "loss":
+                logs["grad_norm"] = metrics["grad_norm"]
+        logs.update({k: v for k, v in metrics.items() if k != "grad_norm"})
+        self.log_history.append(dict(metrics))
+        self._unreported = metrics
+        return metrics
+
+    def take_unreported(self) -> dict[str, float] | None:
+        """The metrics of the last logging step, once (for the W&B extras)."""
+        metrics, self._unreported = self._unreported, None
+        return metrics
+
+    def close(self) -> None:
+        """Train end (or any exit): the gate off the optimizer; the counts and spikes of a last window that was
+        not logged are read (one transfer, and one more for the spike messages if it had spikes)."""
+        if self.gate is not None:
+            self.gate.remove()
+        if self.window.sums is not None:
+            counts = to_host({k: self.window.sums[k] for k in ("skipped", "nonfinite", "spikes")})
+            self.skipped_steps += int(counts["skipped"][0])
+            self.nonfinite_steps += int(counts["nonfinite"][0])
+            self.window.sums = None
+            if counts["nonfinite"][0]:
+                self._say_nonfinite(int(counts["nonfinite"][0]), int(getattr(self.state, "global_step", 0)))
+            if counts["spikes"][0]:
+                self.messages.read(self.actions.action.value)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe: the clipper's statistics and the counters."""
+        return {"clipper": self.clipper.state_dict(), "skipped_steps": self.skipped_steps,
+                "rollbacks": self.actions.rollbacks, "events_seen": self.messages.seen}
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        """Restore :meth:`state_dict`'s output, every field checked; ``StateError`` names the field, the value
+        and ``source`` (where it came from) and says how to start the statistics fresh."""
+        try:
+            if not isinstance(state, dict) or "clipper" not in state:
+                raise StateError("clipper", state, "present (a dict)")
+            try:
+                self.clipper.load_state_dict(copy.deepcopy(state["clipper"]))
+            except StateError as error:
+                raise error.within("clipper") from None
+            for key, target in (("skipped_steps", "skipped_steps"), ("rollbacks", "rollbacks"),
+                                ("events_seen", "events_seen")):
+                value = state.get(key, 0)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise StateError(key, value, "an int >= 0")
+            self.skipped_steps = state.get("skipped_steps", 0)
+            self.actions.rollbacks = state.get("rollbacks", 0)
+            self.messages.seen = state.get("events_seen", 0)
+        except StateError as error:
+            raise StateError(f"run.{error.field}", error.value, error.allowed,
+                             f"{source}; to start the statistics fresh instead, delete the "
+                             f"'GradClipCallback' entry of its stateful_callbacks") from None

@@ -1,0 +1,40 @@
+"""Helpers shared by the Trainer tests (``tests/`` is on ``sys.path`` through its conftest)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+
+class StepRecorder(TrainerCallback):
+    """After each optimizer step (test only: host reads): the clip report's scalars, names, per-tensor norms
+    and spike flag, keyed by the 0-based step; with ``keep_state`` also the weights and optimizer state.
+
+    Args:
+        source: the entry point whose run to read: a ``GradClipTrainer`` (``clip_run``) or a
+            ``GradClipCallback`` (``run``); ``None`` records weights only.
+    """
+
+    def __init__(self, source=None, keep_state=False):
+        self.source, self.keep_state = source, keep_state
+        self.reports, self.weights, self.optim_state = {}, {}, {}
+
+    @property
+    def steps(self):
+        return self.reports
+
+    def _run(self):
+        return getattr(self.source, "clip_run", None) or getattr(self.source, "run", None)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = state.global_step - 1
+        run = self._run()
+        r = run.last_report if run is not None else None
+        if r is not None and r.step == step:
+            self.reports[step] = {**r.to_floats(), "names": list(r.names), "per_tensor": r.per_tensor_norms.tolist(),
+                                  "spike": bool(r.spike.spike) if r.spike is not None else False}
+        if self.keep_state:
+            self.weights[step] = [p.detach().clone() for p in model.parameters()]
+            inner = getattr(optimizer, "optimizer", optimizer)
+            self.optim_state[step] = [{k: v.clone() for k, v in inner.state[p].items()} for p in model.parameters()
+                                      if p in inner.state]
