@@ -29,6 +29,14 @@ Peers: ``zclip`` 1.0.0 (``ZClip.step(model)``), ``smartclip`` 0.1.1 (``smartclip
 warm-up gates set to 0/1 so it clips from the first call), ``autoclip`` 0.2.1 (``QuantileClip.step()``,
 per-parameter as it defaults to, and ``global_threshold=True``).
 
+A second table times **clip + optimizer step** against ``clip_grad_norm_(foreach=True)`` + the same fused
+AdamW step (``fused=True``, the transformers 5.x default), interleaved the same way: the norm pass alone +
+the step (the floor: no method can do less), the pack's ``norm`` in place (the drop-in default,
+bit-identical to torch) and handed to the optimizer (``apply="optimizer"``), ``recommended`` and ``zscore``
++ spike ``tighten`` (both hand the multiplier and the skip flag to the optimizer as device tensors). Every
+method has its own AdamW (own state) over the same parameters (lr 1e-9: the weights barely move).
+``--memory`` adds the memory each method's ops allocate in one call (torch profiler, CPU).
+
     python benchmarks/clip_kernel.py --repeats 30 --out benchmarks/results/clip_kernel
 """
 
@@ -139,6 +147,80 @@ def methods(model: Grads, which: set[str] | None) -> dict[str, Callable[[int], A
     return out
 
 
+def step_methods(model: Grads) -> dict[str, Callable[[int], Any]]:
+    """Clip + fused AdamW step, per method (each with its own optimizer over the same parameters)."""
+    from gradclip_hf import ClipConfig
+    from gradclip_hf.integrations.optim import StepGate
+
+    params = list(model.parameters())
+    loss = torch.tensor(2.0, device=params[0].device)
+
+    def adamw():
+        return torch.optim.AdamW(params, lr=1e-9, fused=True)
+
+    out: dict[str, Callable[[int], Any]] = {}
+    ref_opt, floor_opt = adamw(), adamw()
+    out["torch clip_grad_norm_ + AdamW(fused)"] = lambda i: (
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True), ref_opt.step())
+    out["norm pass alone + AdamW(fused) (floor)"] = lambda i: (
+        torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True), floor_opt.step())
+
+    def pack(name, config):
+        clipper, opt = config.build(total_steps=10**6), adamw()
+        gate, defer = StepGate(opt), config.defers_to_optimizer
+
+        def call(i):
+            report = clipper.clip_(model, step=i, loss=loss, defer=defer)
+            skip = report.skip | report.spike.act if report.spike is not None else report.skip
+            gate.arm(coef=report.optimizer_coef, skip=skip)
+            opt.step()
+        out[name] = call
+
+    pack("pack norm, in place (drop-in) + AdamW(fused)", ClipConfig(threshold=1.0))
+    pack("pack norm, apply=optimizer + AdamW(fused)", ClipConfig(threshold=1.0, apply="optimizer"))
+    pack("pack recommended + AdamW(fused)", ClipConfig.recommended(threshold=1.0))
+    pack("pack zscore + spike tighten + AdamW(fused)", ClipConfig(strategy="zscore", threshold=1.0,
+                                                                   spike_detection="loss"))
+    return out
+
+
+def allocated_kib(fn: Callable[[int], Any], step: int) -> float:
+    """Memory allocated by the ops of one call (CPU, torch profiler; self allocations, an upper bound of the
+    peak of temporaries: the state and gradients already exist)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(step)
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0) / 2 ** 10
+
+
+def time_interleaved(fns: dict[str, Callable[[int], Any]], model: Grads, opts, cuda: bool) -> dict[str, list[float]]:
+    names = list(fns)
+    for name in names:  # warm-up: kernels, and the adaptive methods' warm-up statistics
+        model.reset()
+        for i in range(opts.warmup):
+            fns[name](i)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(opts.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            model.reset()  # same gradients for every call (norm > 1: every norm-based method clips)
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fns[name](opts.warmup + r)
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def rows_of(times: dict[str, list[float]], base_name: str) -> dict[str, dict[str, float]]:
+    base = median(times[base_name])
+    return {n: {"ms": 1e3 * median(t), "ratio": median(t) / base, "ms_min": 1e3 * min(t), "ms_max": 1e3 * max(t)}
+            for n, t in times.items()}
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="small")
@@ -147,6 +229,8 @@ def parse(argv):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--only", default="", help="comma-separated substrings of method names")
+    p.add_argument("--no-step", dest="step", action="store_false", help="skip the clip + optimizer step table")
+    p.add_argument("--memory", action="store_true", help="memory allocated per call and method (torch profiler, CPU)")
     p.add_argument("--out", default=os.path.join(_common.RESULTS, "clip_kernel"),
                    help="output prefix: writes PREFIX.json and PREFIX.md")
     return p.parse_args(argv)
@@ -164,36 +248,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = Grads(shapes, opts.device)
     n_params = sum(p.numel() for p in model.parameters())
     fns = methods(model, {w.strip() for w in opts.only.split(",") if w.strip()} or None)
-    names = list(fns)
-    for name in names:  # warm-up: kernels, and the adaptive methods' warm-up statistics
-        model.reset()
-        for i in range(opts.warmup):
-            fns[name](i)
-    times: dict[str, list[float]] = {n: [] for n in names}
     loads = [_common.load_now()]
     t_start = time.perf_counter()
-    for r in range(opts.repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            model.reset()  # same gradients for every call (norm > 1: every norm-based method clips)
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fns[name](opts.warmup + r)
-            if cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-        if r % 10 == 9:
-            loads.append(_common.load_now())
+    rows = rows_of(time_interleaved(fns, model, opts, cuda), "torch clip_grad_norm_")
     loads.append(_common.load_now())
-    base = median(times["torch clip_grad_norm_"])
-    rows = {n: {"ms": 1e3 * median(times[n]), "ratio": median(times[n]) / base,
-                "ms_min": 1e3 * min(times[n]), "ms_max": 1e3 * max(times[n])} for n in names}
+    step_rows = {}
+    if opts.step:
+        step_fns = step_methods(model)
+        step_rows = rows_of(time_interleaved(step_fns, model, opts, cuda), "torch clip_grad_norm_ + AdamW(fused)")
+        floor = step_rows["norm pass alone + AdamW(fused) (floor)"]["ms"]
+        for name, row in step_rows.items():
+            row["vs_floor"] = row["ms"] / floor
+            if opts.memory and not cuda:
+                model.reset()
+                row["alloc_kib"] = allocated_kib(step_fns[name], opts.warmup + opts.repeats)
+        loads.append(_common.load_now())
     grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in model.originals])))
     result = {"command": "python benchmarks/clip_kernel.py " + " ".join(argv), "options": vars(opts),
               "machine": _common.machine_info(), "load_during": loads, "elapsed_s": time.perf_counter() - t_start,
               "shapes": PRESETS[opts.preset], "tensors": len(shapes), "parameters": n_params,
-              "grad_norm": grad_norm, "results": rows}
+              "grad_norm": grad_norm, "results": rows, "step_results": step_rows}
     _common.write_json(opts.out + ".json", result)
     _common.write_text(opts.out + ".md", markdown(result))
     print(markdown(result))
@@ -212,6 +286,14 @@ def markdown(result: dict[str, Any]) -> str:
              "| method | median ms | min-max ms | ratio to clip_grad_norm_ |", "|---|---|---|---|"]
     for name, r in result["results"].items():
         lines.append(f"| {name} | {r['ms']:.2f} | {r['ms_min']:.2f}-{r['ms_max']:.2f} | {r['ratio']:.2f} |")
+    if result.get("step_results"):
+        lines += ["", "## Clip + optimizer step vs clip_grad_norm_(foreach=True) + AdamW(fused=True)", "",
+                  "| method | median ms | min-max ms | ratio to torch | ratio to the floor | allocated per call (KiB) |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in result["step_results"].items():
+            mem = f"{r['alloc_kib']:.1f}" if "alloc_kib" in r else "-"
+            lines.append(f"| {name} | {r['ms']:.2f} | {r['ms_min']:.2f}-{r['ms_max']:.2f} | {r['ratio']:.3f} | "
+                         f"{r['vs_floor']:.3f} | {mem} |")
     return "\n".join(lines) + "\n"
 
 
