@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["STEP_METRIC", "SECTION", "WandbReporter", "panel_layout", "define_metrics", "create_workspace",
+__all__ = ["names_wandb", "STEP_METRIC", "SECTION", "WandbReporter", "panel_layout", "define_metrics", "create_workspace",
            "wandb_run", "spike_table_columns"]
 
 STEP_METRIC = "train/global_step"  # what transformers' WandbCallback logs as the x axis
@@ -38,14 +38,18 @@ MAX_TABLE_ROWS = 1000
 MAX_ALERT_EVENTS = 5
 
 
+def names_wandb(report_to: Any) -> bool:
+    """Whether the Trainer's ``report_to`` includes W&B (``"all"`` counts)."""
+    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    return "wandb" in targets or "all" in targets
+
+
 def wandb_run(report_to: Any = None) -> Any:
     """The active ``wandb.run``, or ``None`` (wandb not installed, not imported by a reporter, or no run).
 
     With ``report_to`` given (the Trainer's list), ``None`` unless ``"wandb"`` is in it (``"all"`` counts)."""
-    if report_to is not None:
-        targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
-        if "wandb" not in targets and "all" not in targets:
-            return None
+    if report_to is not None and not names_wandb(report_to):
+        return None
     module = sys.modules.get("wandb")  # the Trainer's WandbCallback imported it if W&B is in use
     if module is None:
         try:

@@ -24,15 +24,12 @@ CALLBACKS = [
 ]
 
 
-def fit(tmp_path, callback, **overrides):
-    args = make_args(tmp_path, max_grad_norm=0.0, **overrides)
-    trainer = Trainer(model=tiny_llama(0), args=args, train_dataset=pytest.dataset_cache, callbacks=[callback])
-    return trainer
-
-
-@pytest.fixture(autouse=True)
-def _dataset(dataset):
-    pytest.dataset_cache = dataset
+@pytest.fixture
+def fit(dataset):
+    def build(tmp_path, callback, **overrides):
+        args = make_args(tmp_path, max_grad_norm=0.0, **overrides)
+        return Trainer(model=tiny_llama(0), args=args, train_dataset=dataset, callbacks=[callback])
+    return build
 
 
 @pytest.mark.parametrize("make", CALLBACKS)
@@ -50,7 +47,7 @@ def test_construct_and_state_is_json(make):
 
 @pytest.mark.parametrize("make", CALLBACKS)
 @pytest.mark.parametrize("ga", [1, 2])
-def test_train_twice_same_object(tmp_path, make, ga):
+def test_train_twice_same_object(tmp_path, make, ga, fit):
     callback = make()
     first = fit(tmp_path / "a", callback, max_steps=4, gradient_accumulation_steps=ga)
     first.train()
@@ -64,7 +61,7 @@ def test_train_twice_same_object(tmp_path, make, ga):
 
 
 @pytest.mark.parametrize("make", CALLBACKS)
-def test_save_and_resume(tmp_path, make):
+def test_save_and_resume(tmp_path, make, fit):
     full = fit(tmp_path / "run", make(), max_steps=8, save_strategy="steps", save_steps=4)
     full.train()
     expected = {h["step"]: h["gradclip/threshold"] for h in train_logs(full) if h["step"] > 4}

@@ -17,6 +17,8 @@ from logrun import make_trainer, train_logs  # noqa: E402
 
 from gradclip_hf.integrations.transformers.metrics import METRIC_KEYS  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real Trainer runs
+
 SPIKE = dict(clip_spike_detection="loss", clip_spike_warmup_steps=5, clip_spike_ratio=1.2)
 
 

@@ -35,6 +35,7 @@ def offline_wandb(tmp_path, monkeypatch):
     wandb.teardown()
 
 
+@pytest.mark.slow
 def test_offline_run_records_metrics_histogram_table_alerts_chart(offline_wandb):
     trainer, _ = make_trainer(offline_wandb, steps=12, logging_steps=4, spike_steps=(9,), report_to=["wandb"],
                               clip_spike_detection="loss", clip_spike_warmup_steps=5, clip_spike_ratio=1.2,
@@ -121,6 +122,7 @@ def test_panel_layout_covers_every_metric_key():
     assert layout[0]["name"] == "gradclip"
 
 
+@pytest.mark.slow
 def test_no_wandb_import_at_module_load_and_works_without_wandb(tmp_path):
     code = r"""
 import sys
@@ -140,13 +142,6 @@ print("OK")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "WANDB_MODE": "disabled"}, timeout=120)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
-
-
-def test_importing_the_pack_does_not_import_wandb():
-    code = ("import sys, gradclip_hf, gradclip_hf.integrations.wandb, gradclip_hf.integrations.transformers; "
-            "assert 'wandb' not in sys.modules, 'wandb imported at module load'")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_reporter_is_built_only_for_report_to_wandb():

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["WandbGlue", "names_wandb"]
+from ..wandb import names_wandb
 
-
-def names_wandb(report_to: Any) -> bool:
-    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    return "wandb" in targets or "all" in targets
+__all__ = ["WandbGlue"]
 
 
 class WandbGlue:
