@@ -149,8 +149,14 @@ class GradClipCallback(TrainerCallback, ExportableState):
         return self.session.run
 
     def bind(self, trainer: Any) -> "GradClipCallback":
-        """Attach to ``trainer`` explicitly (``GradClipMixin`` does this; no stack walk, no wrapping)."""
+        """Bind to a ``GradClipMixin`` Trainer, whose class overrides do what the wrappers would."""
         self.session.trainer_ref, self.session.bound = weakref.ref(trainer), True
+        return self
+
+    def attach(self, trainer: Any) -> "GradClipCallback":
+        """Name the Trainer this callback will run in (plugins that are handed it: Axolotl's
+        ``add_callbacks_post_trainer``), instead of finding it on the call stack at train begin."""
+        self.session.trainer_ref, self.session.bound = weakref.ref(trainer), False
         return self
 
     @classmethod
@@ -166,10 +172,9 @@ class GradClipCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         session = self.session
-        trainer = session.trainer if session.bound else compat.find_trainer()
+        trainer = session.trainer or compat.find_trainer()
         if trainer is not None:
-            if not session.bound:
-                session.trainer_ref = weakref.ref(trainer)
+            session.trainer_ref = weakref.ref(trainer)
             _check_single(trainer, session)
         self._fallback_logging = trainer is None
         if trainer is None:
