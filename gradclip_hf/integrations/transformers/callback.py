@@ -172,7 +172,7 @@ class GradClipCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         session = self.session
-        trainer = session.trainer or compat.find_trainer()
+        trainer = session.trainer if session.bound else (compat.find_trainer() or session.trainer)
         if trainer is not None:
             session.trainer_ref = weakref.ref(trainer)
             _check_single(trainer, session)
