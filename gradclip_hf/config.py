@@ -37,6 +37,7 @@ from .core import (AGC, Cosine, GradClipper, Linear, MeasureOnly, NonFinitePolic
 from .core._checks import (MAX_WINDOW, check_bool, check_choice, check_int, check_norm_type, check_number,
                            check_patterns)
 from .core.adaptive import ZScoreClipOption, ZScoreMode
+from .spikefile import read_spike_steps
 
 __all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "Apply", "OPTION_CHECKS", "option_names"]
 
@@ -117,6 +118,18 @@ def option(default: Any, help: str, check: Callable[[str, Any], Any], enum: Opti
     return field(default=default, metadata=metadata)
 
 
+def _spike_file(n, v):
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v:
+        raise OptionError(n, v, "a path to a gradclip_spikes.jsonl, or None")
+    try:
+        read_spike_steps(v)
+    except ValueError as error:
+        raise OptionError(n, v, "a readable gradclip_spikes.jsonl", str(error)) from None
+    return v
+
+
 _DECLARED: list[Callable[[str, Any], Any]] = []
 _pos, _pos_opt = _positive(), _positive(optional=True)
 
@@ -188,6 +201,15 @@ class ClipConfig:
     spike_min_factor: float = option(0.05, "Floor of the threshold factor, in (0, 1].", _unit())
     spike_snapshot_every: int = option(50, "Clean steps between in-memory snapshots (spike_action='rollback').",
                                        _int(1))
+    skip_steps: list[int] = option([], "Optimizer steps (numbered from 1, as train/global_step logs them) whose update "
+                                   "is skipped: their batches are still consumed, so the data order stays the same.",
+                                   _ints)
+    skip_steps_from: Optional[str] = option(None, "A gradclip_spikes.jsonl written by an earlier run: skip the update "
+                                            "of every spike and non-finite step it lists (resume from a checkpoint "
+                                            "before them).", _spike_file)
+    loss_cap: Optional[float] = option(None, "Loss watchdog: stop training when the step loss stays above this (or "
+                                       "is NaN/Inf) for loss_cap_patience steps in a row.", _pos_opt)
+    loss_cap_patience: int = option(1, "Steps in a row above loss_cap before the watchdog stops training.", _int(1))
     log_layers_top_k: int = option(8, "Log the pre-clip norms of the k layers with the largest norms "
                                    "(gradclip/layer/<name>; W&B and TensorBoard only, not the console); 0 for none.",
                                    _int(0))
@@ -271,6 +293,13 @@ class ClipConfig:
                            exclude=self.exclude, include=self.include, nonfinite=self.nonfinite,
                            spikes=self.build_spikes())
 
+    def steps_to_skip(self) -> frozenset[int]:
+        """``skip_steps`` and the steps of ``skip_steps_from`` (read now)."""
+        listed = set(self.skip_steps)
+        if self.skip_steps_from:
+            listed.update(read_spike_steps(self.skip_steps_from))
+        return frozenset(listed)
+
     def build_spikes(self) -> Optional[SpikeController]:
         """The spike controller, ``None`` when ``spike_detection="off"``."""
         if self.spike_detection == SpikeDetection.OFF.value:
@@ -286,6 +315,8 @@ class ClipConfig:
 
 
 OPTION_CHECKS.update(zip(ClipConfig.field_names(), _DECLARED))
+
+from ._config_checks import _check_combinations, _ignored  # noqa: E402  (they read ClipConfig's enums)
 
 
 def _default(f) -> Any:
@@ -319,69 +350,3 @@ def _schedule(c: ClipConfig, threshold: Optional[float], total_steps: Optional[i
     if c.schedule == ScheduleName.WARMUP.value:
         return Warmup(start=c.warmup_threshold / base, value=1.0, warmup_steps=c.warmup_steps)
     return Piecewise(boundaries=c.piecewise_boundaries, values=[v / base for v in c.piecewise_values])
-
-
-def _check_combinations(c: ClipConfig) -> None:
-    """Combinations that cannot mean anything: errors."""
-    s = c.strategy
-    if c.threshold is not None and math.isinf(c.threshold) and s != Strategy.ZSCORE.value:
-        raise OptionError("threshold", c.threshold, "a finite number > 0", "(inf, no cap, is for strategy 'zscore')")
-    if c.threshold is None and s in (Strategy.VALUE.value, Strategy.AGC.value):
-        what = "the bound of each gradient element" if s == Strategy.VALUE.value else "the ratio of gradient to weight norm"
-        raise OptionError("threshold", None, f"a number > 0 with strategy {s!r}",
-                          f"It is {what}, so it does not default to max_grad_norm (a norm).")
-    if s == Strategy.AGC.value and c.norm_type != 2.0:
-        raise OptionError("norm_type", c.norm_type, "2 with strategy 'agc'", "AGC clips unit-wise L2 norms.")
-    if c.spike_detection == SpikeDetection.OFF.value and c.spike_action != SpikeAction.TIGHTEN.value:
-        raise OptionError("spike_action", c.spike_action, "'tighten' while spike_detection is 'off'",
-                          "Set spike_detection to 'loss', 'norm' or 'both' to act on spikes.")
-    _check_schedule(c)
-
-
-def _check_schedule(c: ClipConfig) -> None:
-    schedule = c.schedule
-    if schedule == ScheduleName.CONSTANT.value:
-        return
-    if c.strategy == Strategy.NONE.value:
-        raise OptionError("schedule", schedule, "'constant' with strategy 'none' (nothing is clipped)")
-    if schedule in (ScheduleName.LINEAR.value, ScheduleName.COSINE.value) and c.threshold_final is None:
-        raise OptionError("threshold_final", None, f"a number > 0 when schedule={schedule!r}")
-    if schedule == ScheduleName.WARMUP.value:
-        if c.warmup_steps < 1:
-            raise OptionError("warmup_steps", c.warmup_steps, "an int >= 1 when schedule='warmup'")
-        if c.warmup_threshold is None:
-            raise OptionError("warmup_threshold", None, "a number > 0 when schedule='warmup' (threshold at step 0)")
-    if schedule == ScheduleName.PIECEWISE.value:
-        bounds, values = c.piecewise_boundaries, c.piecewise_values
-        if bounds != sorted(set(bounds)):
-            raise OptionError("piecewise_boundaries", bounds, "strictly increasing steps")
-        if len(values) != len(bounds) + 1:
-            raise OptionError("piecewise_values", values, f"len(piecewise_boundaries) + 1 = {len(bounds) + 1} "
-                              f"thresholds")
-
-
-_SCHEDULE_OPTIONS = {"threshold_final": ("linear", "cosine"), "schedule_steps": ("linear", "cosine"),
-                     "warmup_steps": ("warmup",), "warmup_threshold": ("warmup",),
-                     "piecewise_boundaries": ("piecewise",), "piecewise_values": ("piecewise",)}
-
-
-def _ignored(c: ClipConfig) -> list[tuple[str, str]]:
-    """Options set to a non-default value that the rest of the configuration does not use: warnings."""
-    changed = c.non_default()
-    out = [(name, f"it only applies to schedule {' or '.join(map(repr, used))} (schedule is {c.schedule!r}).")
-           for name, used in _SCHEDULE_OPTIONS.items() if name in changed and c.schedule not in used]
-    if "threshold" in changed and c.strategy in (Strategy.NONE.value, Strategy.QUANTILE.value):
-        out.append(("threshold", f"strategy {c.strategy!r} has no fixed threshold."))
-    prefixes = {"zscore_": Strategy.ZSCORE.value, "quantile": Strategy.QUANTILE.value, "agc_": Strategy.AGC.value}
-    out += [(name, f"it only applies to strategy {strategy!r}.") for name in changed
-            for prefix, strategy in prefixes.items() if name.startswith(prefix) and c.strategy != strategy]
-    if c.spike_detection == SpikeDetection.OFF.value:
-        out += [(name, "spike_detection is 'off'.") for name in changed
-                if name.startswith("spike_") and name not in ("spike_detection", "spike_action")]
-    elif c.spike_detection == SpikeDetection.LOSS.value and "spike_norm_z" in changed:
-        out.append(("spike_norm_z", "spike_detection is 'loss' (no gradient-norm detector)."))
-    if "spike_snapshot_every" in changed and c.spike_action != SpikeAction.ROLLBACK.value:
-        out.append(("spike_snapshot_every", "it only applies to spike_action 'rollback'."))
-    if "nonfinite_max_consecutive" in changed and c.nonfinite != NonFinitePolicy.SKIP.value:
-        out.append(("nonfinite_max_consecutive", "it only applies to nonfinite 'skip'."))
-    return out

@@ -29,7 +29,8 @@ from torch import Tensor
 from ._checks import (MAX_WINDOW, OptionError, StateError, check_choice, check_floats, check_int, check_number, state_field)
 from ._state import DeviceState, EventLog, floats_or_none, ring_write_
 
-__all__ = ["SpikeMethod", "SpikeAction", "SpikeDetector", "SpikeController", "SpikeDecision", "SpikeEvent"]
+__all__ = ["SpikeMethod", "SpikeAction", "SpikeDetector", "SpikeController", "SpikeDecision", "SpikeEvent",
+           "reduce_loss"]
 
 
 class SpikeMethod(str, Enum):
@@ -240,6 +241,18 @@ ACTION_WORDS = {"tighten": "threshold tightened, update applied", "skip": "updat
                 "rollback": "rolled back to the last snapshot, update skipped", "stop": "training stopped"}
 
 
+def reduce_loss(loss: Tensor) -> Tensor:
+    """The mean of ``loss`` over the ranks of ``torch.distributed`` (NaN if any rank's is non-finite), in one
+    collective and no host sync; ``loss`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return loss
+    packed = torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
+                          (~torch.isfinite(loss)).to(loss.dtype)])
+    dist.all_reduce(packed)  # one collective: sum of losses, count of non-finite ranks
+    mean = packed[0] / dist.get_world_size()
+    return torch.where(packed[1] > 0, torch.full_like(mean, math.nan), mean)
+
+
 class SpikeController(DeviceState):
     """Detects loss and gradient-norm spikes and sets the clip-threshold factor.
 
@@ -318,13 +331,7 @@ class SpikeController(DeviceState):
 
     # ------------------------------------------------------------------ the step
     def _reduce(self, loss: Tensor) -> Tensor:
-        if not (self.reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return loss
-        packed = torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
-                              (~torch.isfinite(loss)).to(loss.dtype)])
-        dist.all_reduce(packed)  # one collective: sum of losses, count of non-finite ranks
-        mean = packed[0] / dist.get_world_size()
-        return torch.where(packed[1] > 0, torch.full_like(mean, math.nan), mean)
+        return reduce_loss(loss) if self.reduce else loss
 
     def _detect(self, detector: SpikeDetector | None, value: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         if detector is None or value is None:

@@ -13,7 +13,8 @@ Keys logged here (x axis ``train/global_step``, the Trainer's step metric):
 ``gradclip/layer_norms``            ``wandb.Histogram`` of the per-layer pre-clip norms of the last step,
                                     every ``histogram_every`` logging steps
 ``gradclip/spike_events``           ``wandb.Table`` of every spike so far (step, kind, loss, z, factor,
-                                    top layers), logged when new spikes were read
+                                    top layers, the batch's indices or fingerprint and text), logged when
+                                    new spikes were read
 ``gradclip/norms_over_run``         at train end: a line chart of pre-clip norm (last and max of each
                                     window), post-clip norm and threshold over the run
 ``run.alert``                       a rate-limited WARN alert for spikes, an ERROR alert when the pack
@@ -71,7 +72,17 @@ def define_metrics(run: Any, step_metric: str = STEP_METRIC) -> None:
 
 def spike_table_columns() -> list[str]:
     return ["step", "kind", "loss", "loss_baseline", "loss_z", "norm", "norm_baseline", "norm_z",
-            "factor_before", "factor_after", "top_layers"]
+            "factor_before", "factor_after", "top_layers", "batch"]
+
+
+def batch_summary(record: dict | None) -> str:
+    """What identifies a batch, in one cell: dataset indices per process, else the fingerprint; the text."""
+    if not record or not record.get("batch"):
+        return ""
+    batch = record["batch"]
+    where = f"indices {batch['indices']}" if batch.get("indices") else f"fingerprint {batch.get('fingerprint')}"
+    text = batch.get("text")
+    return where + (f": {text[:80]!r}" if text else "")
 
 
 def _finite(value: float) -> float | None:
@@ -126,7 +137,8 @@ class WandbReporter:
     # ------------------------------------------------------------------ per logging step
     def log_step(self, run: Any, step: int, metrics: dict[str, float], layer_norms: dict[str, float] | None = None,
                  events: Sequence[Any] = (), spike_layers: Sequence[tuple[str, float]] = (),
-                 stop_reason: str | None = None, threshold_base: Any = None, action: str = "tighten") -> None:
+                 stop_reason: str | None = None, threshold_base: Any = None, action: str = "tighten",
+                 records: Sequence[dict] = ()) -> None:
         """One logging step: ``metrics`` as the runner computed them (already in the Trainer's logs),
         ``layer_norms`` every measured layer's pre-clip norm (for the histogram), ``events`` every
         spike event read so far (new ones since the last call become alerts and table rows),
@@ -150,11 +162,12 @@ class WandbReporter:
         self._events_seen = len(events)
         if new:
             top = ", ".join(f"{n}={v:.3g}" for n, v in spike_layers)
+            by_step = {r["step"]: r for r in records if r.get("event") == "spike"}
             for i, event in enumerate(new):
                 self._rows.append([event.step, event.kind, _finite(event.loss), _finite(event.loss_baseline),
                                    _finite(event.loss_z), _finite(event.norm), _finite(event.norm_baseline),
                                    _finite(event.norm_z), event.factor_before, event.factor_after,
-                                   top if i == len(new) - 1 else ""])
+                                   top if i == len(new) - 1 else "", batch_summary(by_step.get(event.step))])
             self._rows = self._rows[-MAX_TABLE_ROWS:]
             extra[f"{SECTION}/spike_events"] = wandb.Table(columns=spike_table_columns(), data=list(self._rows))
             self.logged["tables"] += 1

@@ -11,6 +11,9 @@ the 1-process reference). MODE:
 - ``equiv``: map-style :class:`ByteLMDataset`, ``train_sampling_strategy="sequential"``, norm clipping
   at a threshold that clips; run with 2 processes x ``EQUIV_BATCH`` and with 1 process x
   ``2 * EQUIV_BATCH``: the global batches are the same items.
+- ``indices``: map-style dataset, sequential sampler, rare-byte blocks at the dataset indices of every sample of
+  optimizer step ``SPIKE_STEP`` (both ranks): the spike record in rank 0's ``gradclip_spikes.jsonl`` must name
+  them, per rank.
 - ``fsdp``: ``equiv`` under FSDP2 (``fsdp=True``, ``fsdp_config={"version": 2}``); records whether the
   Trainer really sharded (``is_fsdp_enabled``) and accelerate's distributed type.
 
@@ -96,6 +99,20 @@ class RecordingTrainer(GradClipTrainer):
         return super().training_step(model, inputs, *args, **kwargs)
 
 
+class GarbageAt(torch.utils.data.Dataset):
+    def __init__(self, dataset, indices):
+        self.dataset, self.bad = dataset, set(indices)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if index not in self.bad:
+            return self.dataset[index]
+        ids = torch.randint(128, 256, (64,), generator=torch.Generator().manual_seed(index))
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
 def run(name: str, train_dataset, **overrides) -> dict:
     options = dict(output_dir=os.path.join(OUT, f"hf_{name}_{RANK}"), use_cpu=True, report_to="none",
                    max_steps=STEPS, per_device_train_batch_size=PER_DEVICE, learning_rate=4e-3,
@@ -136,6 +153,15 @@ def main() -> None:
         results["norm_tighten"] = run("norm_tighten", stream, **spike)
         results["norm_skip"] = run("norm_skip", stream, clip_spike_action="skip", **spike)
         results["zscore"] = run("zscore", stream, clip_strategy="zscore", clip_zscore_warmup_steps=5, **spike)
+    elif MODE == "indices":
+        bad = list(range(SPIKE_STEP * PER_DEVICE * WORLD, (SPIKE_STEP + 1) * PER_DEVICE * WORLD))
+        spike = dict(clip_spike_detection="loss", clip_spike_warmup_steps=SPIKE_WARMUP)
+        results["indices"] = run("indices", GarbageAt(blocks, bad), train_sampling_strategy="sequential",
+                                 clip_spike_action="skip", **spike)
+        results["indices"]["bad"] = bad
+        path = os.path.join(OUT, "hf_indices_0", "gradclip_spikes.jsonl")
+        results["indices"]["records"] = ([json.loads(line) for line in open(path)] if RANK == 0 and
+                                         os.path.exists(path) else None)
     elif MODE in ("equiv", "fsdp"):
         extra = {}
         if MODE == "fsdp":

@@ -49,6 +49,22 @@ def equiv(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def indices(tmp_path_factory):
+    return [r["indices"] for r in accelerate_launch(WORKER, tmp_path_factory.mktemp("trainer_indices"), "indices",
+                                                    "indices")]
+
+
+def test_spike_record_names_the_dataset_indices_of_every_rank(indices):
+    main = indices[0]
+    spikes = [r for r in main["records"] if r["event"] == "spike"]
+    assert [r["step"] for r in spikes] == [SPIKE_STEP + 1] and spikes[0]["skipped"] is True
+    per_rank = spikes[0]["batch"]["indices"]
+    assert len(per_rank) == 2 and sorted(per_rank[0] + per_rank[1]) == main["bad"]
+    assert per_rank[0] != per_rank[1]  # each rank's own samples
+    assert indices[1]["records"] is None  # only the main process writes the file
+
+
+@pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
     return [r["fsdp"] for r in accelerate_launch(WORKER, tmp_path_factory.mktemp("trainer_fsdp"), "fsdp", "fsdp")]
 

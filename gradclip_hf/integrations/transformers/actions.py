@@ -1,56 +1,81 @@
-"""What one step's decision does beyond clipping: skip the update, roll back, stop, count non-finite steps.
+"""What one step's decision does beyond clipping: skip the update, roll back, stop, watch the run.
 
 The skip goes through the :class:`~gradclip_hf.integrations.optim.StepGate` on the optimizer, installed once
 per run. Host reads: none per step for ``tighten``/``skip``/``nonfinite="skip"`` on fused optimizers (the
-decision travels as a device tensor); one stacked read per step for ``rollback``/``stop`` and for skipping on
-other optimizers. Where no flag is read, the run of consecutive non-finite steps is checked at logging steps.
+decision travels as a device tensor) and for listed steps (``skip_steps``: known on the host); one stacked
+read per step for ``rollback``/``stop`` and for skips on other optimizers. The watchdogs (consecutive
+non-finite steps, ``loss_cap``) count on the device and are checked wherever a flag is read: every step on
+the paths above that read one, else at logging steps.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ...config import ClipConfig
 from ...core import ClipReport, GradClipper, NonFinitePolicy, SpikeAction, TrainingSnapshot
+from ...core.spikes import reduce_loss
 from ..optim import StepGate
+from .reporting import logger
 
-logger = logging.getLogger("transformers.gradclip_hf")
+__all__ = ["StepActions"]
 
-__all__ = ["StepActions", "logger"]
+
+class _Runs:
+    """Device counters of consecutive steps where a condition held (current run, longest since the read)."""
+
+    def __init__(self) -> None:
+        self.current: Tensor | None = None
+        self.worst: Tensor | None = None
+
+    def add(self, condition: Tensor) -> None:
+        if self.current is None:
+            self.current = torch.zeros((), dtype=torch.int64, device=condition.device)
+            self.worst = torch.zeros_like(self.current)
+        self.current = torch.where(condition, self.current + 1, torch.zeros_like(self.current))
+        torch.maximum(self.worst, self.current, out=self.worst)
+
+    def take_worst(self) -> Tensor | None:
+        """The longest run since the last call (a device tensor), then restart from the current run."""
+        if self.worst is None:
+            return None
+        worst, self.worst = self.worst, self.current.clone()
+        return worst
 
 
 class StepActions:
-    """Per-run: arms the optimizer gate each step and carries out rollbacks and stops.
+    """Per-run: arms the optimizer gate each step and carries out rollbacks, stops and the watchdogs.
 
     Args:
-        clipper: the run's clipper (its non-finite policy and spike action).
-        gate: the gate on the inner optimizer, or ``None`` where the pack cannot skip (DeepSpeed).
-        owner: name in messages; nonfinite_limit: stop after this many non-finite steps in a row.
-        scaler: a GradScaler is active (it skips non-finite steps itself).
-        snapshot_every: clean steps between snapshots (``rollback``).
+        clipper: the run's clipper (its non-finite policy and spike action); config: the options.
+        gate: the gate on the inner optimizer, or ``None`` where the pack cannot skip.
+        owner: name in messages; scaler: a GradScaler is active (it skips non-finite steps itself).
     """
 
-    def __init__(self, clipper: GradClipper, gate: StepGate | None, owner: str, nonfinite_limit: int,
-                 scaler: bool = False, snapshot_every: int = 50):
-        self.clipper, self.gate, self.owner, self.nonfinite_limit = clipper, gate, owner, nonfinite_limit
+    def __init__(self, clipper: GradClipper, config: ClipConfig, gate: StepGate | None, owner: str,
+                 scaler: bool = False):
+        self.clipper, self.gate, self.owner = clipper, gate, owner
         spikes = clipper.spikes
         self.action = spikes.action if spikes is not None else SpikeAction.TIGHTEN
         self.guard = clipper.nonfinite is NonFinitePolicy.SKIP and not scaler
-        self.snapshot = TrainingSnapshot(snapshot_every) if self.action is SpikeAction.ROLLBACK else None
-        self.listed: frozenset[int] = frozenset()  # steps to skip whatever happens (clip_skip_steps)
+        self.nonfinite_limit = config.nonfinite_max_consecutive
+        self.loss_cap, self.loss_cap_patience = config.loss_cap, config.loss_cap_patience
+        self.snapshot = (TrainingSnapshot(config.spike_snapshot_every) if self.action is SpikeAction.ROLLBACK
+                         else None)
+        self.listed = config.steps_to_skip()
         self.stop_reason: str | None = None
         self.rollbacks = 0
-        self._run: Tensor | None = None   # consecutive non-finite steps (device)
-        self._worst: Tensor | None = None  # longest run since the last read (device)
+        self.nonfinite_runs, self.loss_runs = _Runs(), _Runs()
 
     @property
     def reads_every_step(self) -> bool:
         """Whether a flag leaves the device at every step (rollback, stop, or a skip on a non-fused optimizer)."""
         acting = self.action in (SpikeAction.ROLLBACK, SpikeAction.STOP)
-        can_skip = self.guard or self.action is SpikeAction.SKIP or bool(self.listed)
+        can_skip = self.guard or self.action is SpikeAction.SKIP
         return acting or (can_skip and self.gate is not None and not self.gate.fused)
 
     def skip_flag(self, report: ClipReport) -> Tensor:
@@ -59,64 +84,73 @@ class StepActions:
         if report.spike is not None:
             skip = skip | report.spike.act
         if report.step + 1 in self.listed:
-            skip = skip | torch.ones_like(skip)
+            skip = torch.ones_like(skip)
         return skip
 
-    def _count_nonfinite(self, report: ClipReport) -> None:
-        if not self.guard:
-            return
-        nonfinite = report.nonfinite
-        if self._run is None:
-            self._run = torch.zeros((), dtype=torch.int64, device=nonfinite.device)
-            self._worst = torch.zeros_like(self._run)
-        self._run = torch.where(nonfinite, self._run + 1, torch.zeros_like(self._run))
-        torch.maximum(self._worst, self._run, out=self._worst)
+    def _watch(self, report: ClipReport, loss: Tensor | None) -> None:
+        if self.guard:
+            self.nonfinite_runs.add(report.nonfinite)
+        if self.loss_cap is not None and loss is not None:
+            loss = report.spike.loss if report.spike is not None else reduce_loss(loss.detach().float())
+            loss = loss.to(report.norm.device)
+            self.loss_runs.add(~torch.isfinite(loss) | (loss > self.loss_cap))
 
-    def after_clip(self, report: ClipReport, skip: Tensor, model: Any, optimizer: Any, state: Any) -> None:
+    def after_clip(self, report: ClipReport, skip: Tensor, loss: Tensor | None, model: Any, optimizer: Any,
+                   state: Any) -> None:
         """Arm the gate for this step's update; read flags and act where this configuration needs it."""
-        self._count_nonfinite(report)
+        self._watch(report, loss)
+        step = report.step + 1
+        if step in self.listed:
+            logger.warning("gradclip: step %d: update skipped (listed in clip_skip_steps / clip_skip_steps_from).", step)
+            if self.gate is not None:
+                self.gate.arm(coef=report.optimizer_coef, skip=skip, skip_now=True)
+            return
         if not self.reads_every_step:
             if self.gate is not None:
                 self.gate.arm(coef=report.optimizer_coef, skip=skip)
             return
         act = report.spike.act if report.spike is not None else torch.zeros_like(skip)
-        run = self._run if self._run is not None else torch.zeros((), dtype=torch.int64, device=skip.device)
-        skip_now, acted, nonfinite_run = torch.stack([skip.to(torch.float64), act.to(torch.float64),
-                                                      run.to(skip.device, torch.float64)]).tolist()  # ONE read
-        step = report.step + 1
-        if acted and self.action is SpikeAction.ROLLBACK:
+        named = {"skip": skip, "act": act, **self.watch_tensors()}
+        values = dict(zip(named, torch.stack([v.to(skip.device, torch.float64) for v in named.values()]).tolist()))
+        if values["act"] and self.action is SpikeAction.ROLLBACK:
             self._rollback(step, model, optimizer)
-        elif acted and self.action is SpikeAction.STOP:
+        elif values["act"] and self.action is SpikeAction.STOP:
             self.stop(f"loss spike at step {step} and spike_action='stop'. Resume from the last checkpoint with a "
-                      f"lower learning rate, or use spike_action 'tighten', 'skip' or 'rollback'.", step, state)
-        elif not skip_now and self.snapshot is not None and self.snapshot.due(step):
+                      f"lower learning rate, or use clip_spike_action 'tighten', 'skip' or 'rollback'.", step, state)
+        elif not values["skip"] and self.snapshot is not None and self.snapshot.due(step):
             self.snapshot.take(step, model.parameters(), optimizer)
-        self.check_nonfinite_run(int(nonfinite_run), step, state)
+        self.check_watch(values, step, state)
         if self.gate is not None:
-            self.gate.arm(coef=report.optimizer_coef, skip=skip, skip_now=bool(skip_now))
+            self.gate.arm(coef=report.optimizer_coef, skip=skip, skip_now=bool(values["skip"]))
 
     def _rollback(self, step: int, model: Any, optimizer: Any) -> None:
         if self.snapshot is None or self.snapshot.step is None:
-            logger.warning("gradclip: step %d: no snapshot yet to roll back to; the update is skipped.", step)
+            logger.warning("gradclip: step %d: no snapshot yet to roll back to; update skipped.", step)
             return
         back_to = self.snapshot.restore(model.parameters(), optimizer)
         self.rollbacks += 1
         logger.warning("gradclip: step %d: rolled back the weights and optimizer state to before step %d (the "
                        "learning rate stays the scheduler's); update skipped.", step, back_to)
 
-    def nonfinite_run_tensors(self) -> dict[str, Tensor]:
-        """The longest run of non-finite steps since the last read (for the logging transfer); resets it."""
-        if self._worst is None:
-            return {}
-        worst = torch.maximum(self._worst, self._run)
-        self._worst = self._run.clone()
-        return {"nonfinite_run": worst}
+    def watch_tensors(self) -> dict[str, Tensor]:
+        """The watchdogs' longest runs since the last read (for a transfer); restarts them."""
+        runs = {"nonfinite_run": self.nonfinite_runs.take_worst(), "loss_cap_run": self.loss_runs.take_worst()}
+        return {k: v for k, v in runs.items() if v is not None}
 
-    def check_nonfinite_run(self, run: int, step: int, state: Any) -> None:
-        if run >= self.nonfinite_limit and self.stop_reason is None:
-            self.stop(f"{run} consecutive steps with non-finite gradients (the limit is "
+    def check_watch(self, values: dict[str, Any], step: int, state: Any) -> None:
+        """Stop when a watchdog's run reached its limit (``values`` from :meth:`watch_tensors`, on the host)."""
+        if self.stop_reason is not None:
+            return
+        nonfinite = int(_first(values.get("nonfinite_run", 0)))
+        over = int(_first(values.get("loss_cap_run", 0)))
+        if nonfinite >= self.nonfinite_limit:
+            self.stop(f"{nonfinite} consecutive steps with non-finite gradients (the limit is "
                       f"clip_nonfinite_max_consecutive={self.nonfinite_limit}): lower the learning rate, check the "
                       f"data, or use bf16/fp32 instead of fp16.", step, state)
+        elif self.loss_cap is not None and over >= self.loss_cap_patience:
+            self.stop(f"the loss stayed above clip_loss_cap={self.loss_cap:g} (or was NaN/Inf) for {over} steps in a "
+                      f"row (clip_loss_cap_patience={self.loss_cap_patience}). Resume from a checkpoint before the divergence "
+                      f"with a lower learning rate, and look at gradclip_spikes.jsonl for the batches.", step, state)
 
     def stop(self, reason: str, step: int, state: Any) -> None:
         """Record the reason (log, ``trainer_state.json``); the callback ends training at its next event."""
@@ -124,3 +158,8 @@ class StepActions:
         logger.error("gradclip: %s", self.stop_reason)
         if state is not None:
             state.log_history.append({"step": step, "gradclip/stop_reason": self.stop_reason})
+
+
+def _first(value: Any) -> float:
+    value = value[0] if isinstance(value, list) else value
+    return value if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)) else 0

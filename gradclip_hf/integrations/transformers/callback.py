@@ -17,6 +17,7 @@ from transformers.trainer_callback import ExportableState, PrinterCallback, Prog
 from ...config import ClipConfig, option_names
 from ...core import GradClipper, OptionError
 from . import compat
+from .batches import IndexRecord
 from .reporting import is_layer_key, logger
 from .run import ClipRun, check_trainer
 from .wandb_glue import WandbGlue
@@ -50,13 +51,18 @@ class ClipSession:
             return None
         return run
 
-    def begin(self, trainer: Any, args: Any, state: Any, optimizer: Any) -> ClipRun:
+    def begin(self, trainer: Any, args: Any, state: Any, optimizer: Any, dataloader: Any = None) -> ClipRun:
         self.end()
         check_trainer(trainer, self.owner)
         clipper = self.user_clipper
         if clipper is not None:  # training twice starts from the same statistics
             clipper.load_state_dict(self.user_clipper_state)
-        self.run = ClipRun(self.config, clipper, args=args, state=state, optimizer=optimizer, owner=self.owner)
+        processing = getattr(trainer, "processing_class", None)
+        self.run = ClipRun(self.config, clipper, args=args, state=state, optimizer=optimizer, owner=self.owner,
+                           decode=getattr(processing, "decode", None))
+        batches = self.run.recorder.batches
+        batches.sampler = IndexRecord.attach(compat.train_sampler(dataloader))
+        batches.dataset = getattr(trainer, "train_dataset", None)
         self._say_threshold(args)
         self.wandb = WandbGlue.create(args, self.run)
         return self.run
@@ -76,6 +82,8 @@ class ClipSession:
         if self.run is not None and self.run.open:
             self.run.open = False
             self.run.close()
+            if self.run.recorder.batches.sampler is not None:
+                self.run.recorder.batches.sampler.release()
 
     def state(self) -> dict[str, Any]:
         if self.run is not None:
@@ -170,7 +178,7 @@ class GradClipCallback(TrainerCallback, ExportableState):
         return {"args": {"_restore": True}, "attributes": {}, "run": self.session.state()}
 
     # ------------------------------------------------------------------ events
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
         session = self.session
         trainer = session.trainer if session.bound else (compat.find_trainer() or session.trainer)
         if trainer is not None:
@@ -181,7 +189,7 @@ class GradClipCallback(TrainerCallback, ExportableState):
             _warn("gradclip: GradClipCallback could not find its Trainer on the call stack: it "
                        "clips, but cannot see the step loss, and logs its metrics through on_log (after W&B and "
                        "TensorBoard). Use GradClipTrainer or GradClipMixin for the full integration.")
-        run = session.begin(trainer, args, state, optimizer)
+        run = session.begin(trainer, args, state, optimizer, train_dataloader)
         _restore_state(run, state, type(self).__name__)
         state.stateful_callbacks[type(self).__name__] = self.state()  # a later save finds our entry
         if trainer is not None:
@@ -277,7 +285,7 @@ def _wrap(trainer: Any, session: ClipSession, methods: bool = True) -> None:
         loss = original(*a, **kw)
         run = session.live(trainer)
         if run is not None:
-            run.loss.add(loss)
+            run.add_micro_batch(loss, a[1] if len(a) > 1 else kw.get("inputs"))
         return loss
 
     def log(original, logs, *a, **kw):

@@ -24,6 +24,9 @@ grad_norm=None)``                                              active: the Train
 ``AcceleratedOptimizer.scaler``,        yes         yes        fp16: unscale once, by the scaler's stage; the
 ``.optimizer``                                                  inner torch optimizer gets the step hooks
 ``GradScaler._per_optimizer_states``    torch 2.x   torch 2.x  ``[id(opt)]["stage"] is OptState.READY``
+``DataLoaderShard.batch_sampler``,      1.15        1.15       the train dataloader's index sampler: its
+``BatchSamplerShard.batch_sampler``                             instance's class is swapped for a recording
+                                                                subclass for the run (records name the indices)
 ``Optimizer._step_supports_amp_scaling``torch 2.x   torch 2.x  fused optimizers: ``grad_scale``/``found_inf``
 =====================================  ==========  =========  =================================================
 
@@ -37,7 +40,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["find_trainer", "unscale_once", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks",
+__all__ = ["train_sampler", "find_trainer", "unscale_once", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks",
            "inner_optimizer", "scaler_enabled", "deepspeed_clipping"]
 
 
@@ -128,3 +131,18 @@ def fsdp_version(trainer: Any) -> int | None:
     if plugin is None or getattr(accelerator, "distributed_type", None) != DistributedType.FSDP:
         return None
     return int(getattr(plugin, "fsdp_version", 1))
+
+
+def train_sampler(dataloader: Any) -> Any | None:
+    """The index sampler under accelerate's prepared train dataloader (``None`` for an iterable dataset):
+    ``dataloader.batch_sampler``, unwrapped through accelerate's ``BatchSamplerShard.batch_sampler``, then its
+    ``.sampler``."""
+    batch_sampler = getattr(dataloader, "batch_sampler", None)
+    for _ in range(4):  # BatchSamplerShard -> BatchSampler -> sampler
+        if batch_sampler is None:
+            return None
+        if hasattr(batch_sampler, "batch_sampler") and not hasattr(batch_sampler, "sampler"):
+            batch_sampler = batch_sampler.batch_sampler
+            continue
+        return getattr(batch_sampler, "sampler", None)
+    return None

@@ -20,6 +20,7 @@ from ..optim import StepGate
 from . import compat
 from .actions import StepActions, logger
 from .metrics import MetricsWindow, StepLoss, to_host
+from .records import EventRecorder
 from .reporting import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages
 
 __all__ = ["ClipRun", "check_trainer"]
@@ -47,7 +48,7 @@ class ClipRun:
     """
 
     def __init__(self, config: ClipConfig | None, clipper: GradClipper | None, *, args: Any, state: Any,
-                 optimizer: Any, owner: str):
+                 optimizer: Any, owner: str, decode: Any = None):
         self.config, self.owner = config or ClipConfig(), owner
         self.state, self.open = state, True  # the TrainerState of this run; open until train() leaves
         max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
@@ -60,9 +61,12 @@ class ClipRun:
         inner = compat.inner_optimizer(optimizer) if optimizer is not None else None
         self.gate = StepGate(inner) if isinstance(inner, torch.optim.Optimizer) else None
         self.defer = self.gate is not None and self.gate.fused and self.config.defers_to_optimizer
-        self.actions = StepActions(self.clipper, self.gate, owner, self.config.nonfinite_max_consecutive,
-                                   scaler=optimizer is not None and compat.scaler_enabled(optimizer),
-                                   snapshot_every=self.config.spike_snapshot_every)
+        self.actions = StepActions(self.clipper, self.config, self.gate, owner,
+                                   scaler=optimizer is not None and compat.scaler_enabled(optimizer))
+        samples = int(getattr(args, "per_device_train_batch_size", 1)) * int(
+            getattr(args, "gradient_accumulation_steps", 1))
+        self.recorder = EventRecorder(getattr(args, "output_dir", None), samples, capacity=256,
+                                      main_process=bool(getattr(state, "is_world_process_zero", True)), decode=decode)
         self.loss, self.window = StepLoss(), MetricsWindow()
         self.layers = LayerSelector(self.config.log_layers_top_k, self.config.log_layer_patterns)
         self.messages = SpikeMessages(self.clipper, owner)
@@ -100,6 +104,11 @@ class ClipRun:
         return self.actions.rollbacks
 
     # ------------------------------------------------------------------ per step
+    def add_micro_batch(self, loss: Any, inputs: Any) -> None:
+        """A ``training_step``'s return and inputs: the step loss, and what identifies the batch."""
+        self.loss.add(loss)
+        self.recorder.batches.add(inputs)
+
     def step(self, model: Any, state: Any, optimizer: Any) -> ClipReport | None:
         """Before ``optimizer.step()``: unscale fp16 gradients once, clip once, arm the step's decision."""
         step = int(state.global_step)
@@ -108,11 +117,15 @@ class ClipRun:
         self._clipped_step = step
         if optimizer is not None:
             compat.unscale_once(optimizer)
-        report = self.clipper.clip_(model, step=step, loss=self.loss.take(), defer=self.defer)
+        loss = self.loss.take()
+        report = self.clipper.clip_(model, step=step, loss=loss, defer=self.defer)
         skip = self.actions.skip_flag(report)
         self.window.add(report, skip, keep_spike_layers=self.layers.top_k > 0)
         inner = compat.inner_optimizer(optimizer) if optimizer is not None else None
-        self.actions.after_clip(report, skip, model, inner, state)
+        self.actions.after_clip(report, skip, loss, model, inner, state)
+        self.recorder.step(report, loss, skip, len(report.names))
+        if step + 1 in self.actions.listed:
+            self.recorder.add_listed(step + 1)
         self.num_clips += 1
         self.last_report = report
         return report
@@ -125,7 +138,7 @@ class ClipRun:
         if self.window.sums is None or r is None:
             return {}
         named = self.window.tensors(r)
-        named.update(self.actions.nonfinite_run_tensors())
+        named.update(self.actions.watch_tensors())
         if self.ship_layers:
             named["layers"] = r.per_tensor_norms
         spike_vector = self.window.spike_norms if self.layers.top_k and r.spike is not None else None
@@ -137,13 +150,16 @@ class ClipRun:
         self.nonfinite_steps += out["gradclip/nonfinite_steps"]
         if out["gradclip/nonfinite_steps"] and state is not None:
             self._say_nonfinite(out["gradclip/nonfinite_steps"], int(state.global_step))
-        if "nonfinite_run" in values and state is not None:
-            self.actions.check_nonfinite_run(int(values["nonfinite_run"][0]), int(state.global_step), state)
+        if state is not None:
+            self.actions.check_watch(values, int(state.global_step), state)
         if "layers" in values:
             self.last_layer_norms = dict(zip(r.names, values["layers"]))
             out.update(self.layers.select(r.names, values["layers"]))
         if out.get("gradclip/spikes"):
             self.messages.read(self.actions.action.value)
+        if out.get("gradclip/spikes") or out["gradclip/nonfinite_steps"] or self.recorder.pending:
+            self._flush_records(state)
+        if out.get("gradclip/spikes"):
             if spike_vector is not None and len(values["spike_layers"]) == len(self.window.spike_names):
                 self.last_spike_layers = LayerSelector.top(self.window.spike_names, values["spike_layers"],
                                                            self.layers.top_k)
@@ -195,6 +211,13 @@ class ClipRun:
                 self._say_nonfinite(int(counts["nonfinite"][0]), int(getattr(self.state, "global_step", 0)))
             if counts["spikes"][0]:
                 self.messages.read(self.actions.action.value)
+            if counts["spikes"][0] or counts["nonfinite"][0] or self.recorder.pending:
+                self._flush_records(self.state)
+
+    def _flush_records(self, state: Any) -> None:
+        step = int(getattr(state, "global_step", 0) or 0)
+        self.recorder.flush(self.spike_events, self.last_report.names if self.last_report else [],
+                            self.actions.action.value, lambda s: self.clipper.base_threshold(max(s - 1, 0)), step)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -79,7 +79,7 @@ class GradClipMixin:
         loss = super().training_step(model, inputs, *args, **kwargs)
         run = self.clip_session.live(self)
         if run is not None:
-            run.loss.add(loss)
+            run.add_micro_batch(loss, inputs)
         return loss
 
     def log(self, logs, *args: Any, **kwargs: Any) -> None:

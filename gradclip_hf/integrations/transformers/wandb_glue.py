@@ -52,7 +52,7 @@ class WandbGlue:
         self.reporter.log_step(wandb_run, int(getattr(state, "global_step", 0) or 0), metrics or {},
                                layer_norms=self.run.last_layer_norms if metrics else None,
                                events=self.run.spike_events, spike_layers=self.run.last_spike_layers[:3],
-                               **self._common())
+                               records=self.run.recorder.records, **self._common())
 
     def finish(self, state: Any) -> None:
         wandb_run = self._wandb_run()
