@@ -222,6 +222,60 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def select_configs(opts) -> dict[str, Any]:
+    configs = {"stock": None}
+    for name in opts.configs.split(","):
+        name = name.strip()
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown config {name!r}; choose from {list(CONFIGS)}")
+        configs[name] = CONFIGS[name]
+    if opts.layer_logging:
+        configs.update({name: CONFIGS[name] for name in layer_log_configs()})
+    return configs
+
+
+def time_runs(configs: dict[str, Any], opts, dataset) -> tuple[dict[str, list[dict[str, Any]]], list[float]]:
+    """Every configuration once per repeat, interleaved (order rotated each repeat)."""
+    names = list(configs)
+    times: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    loads = [_common.load_now()]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names if opts.warm_runs else []:  # one untimed run each: imports, allocator and kernels warm
+            run_once(name, configs[name], argparse.Namespace(**{**vars(opts), "steps": min(opts.steps, 3),
+                                                                 "warmup": 0}), dataset, tmp)
+        for r in range(opts.repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                times[name].append(run_once(name, configs[name], opts, dataset, tmp))
+            loads.append(_common.load_now())
+    return times, loads
+
+
+def ratios(times: dict[str, list[dict[str, Any]]], name: str, key: str, repeats: int) -> list[float]:
+    return [median(times[name][r][key]) / median(times["stock"][r][key]) for r in range(repeats)]
+
+
+def summarise(times: dict[str, list[dict[str, Any]]], opts, argv) -> dict[str, dict[str, Any]]:
+    rows = {}
+    for name in times:
+        step = ratios(times, name, "step", opts.repeats)
+        rows[name] = {"step_ms": 1e3 * median([t for rep in times[name] for t in rep["step"]]),
+                      "step_ratio": median(step), "step_ratio_min": min(step), "step_ratio_max": max(step),
+                      "step_ratios": step, "cycle_ratio": median(ratios(times, name, "cycle", opts.repeats)),
+                      "log_cycle_ratio": median(ratios(times, name, "log_cycle", opts.repeats))}
+        if opts.device == "cuda":
+            rows[name]["peak_mem_mib"] = max(rep["peak_mem"] for rep in times[name]) / 2**20
+    if opts.device == "cuda":
+        for name in rows:
+            rows[name]["mem_ratio"] = rows[name]["peak_mem_mib"] / rows["stock"]["peak_mem_mib"]
+    elif opts.memory:
+        mem = cpu_memory(list(rows), opts, argv)
+        for name in rows:
+            rows[name].update(mem[name])
+            rows[name]["mem_ratio"] = mem[name]["rss_peak_mib"] / mem["stock"]["rss_peak_mib"]
+            rows[name]["mem_delta_ratio"] = mem[name]["rss_delta_mib"] / max(mem["stock"]["rss_delta_mib"], 1e-9)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse(argv)
@@ -235,59 +289,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if opts._memory_child:
         print("MEMORY " + json.dumps(memory_child(opts._memory_child, opts)), flush=True)
         return {}
-    log_fields = layer_log_fields()
-    configs = {"stock": None}
-    for name in opts.configs.split(","):
-        name = name.strip()
-        if name not in CONFIGS:
-            raise SystemExit(f"unknown config {name!r}; choose from {list(CONFIGS)}")
-        configs[name] = CONFIGS[name]
-    if opts.layer_logging:
-        for name in layer_log_configs():
-            configs[name] = CONFIGS[name]
-    dataset = build_dataset(opts.block, opts.text_bytes)
-    names = list(configs)
-    times: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    loads = [_common.load_now()]
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names if opts.warm_runs else []:  # one untimed run each: imports, allocator and kernels warm
-            run_once(name, configs[name], argparse.Namespace(**{**vars(opts), "steps": min(opts.steps, 3),
-                                                                 "warmup": 0}), dataset, tmp)
-        for r in range(opts.repeats):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                times[name].append(run_once(name, configs[name], opts, dataset, tmp))
-            loads.append(_common.load_now())
-    elapsed = time.perf_counter() - t0
-
-    rows = {}
-    for name in names:
-        step_ratios = [median(times[name][r]["step"]) / median(times["stock"][r]["step"]) for r in range(opts.repeats)]
-        cycle_ratios = [median(times[name][r]["cycle"]) / median(times["stock"][r]["cycle"])
-                        for r in range(opts.repeats)]
-        row = {"step_ms": 1e3 * median([t for rep in times[name] for t in rep["step"]]),
-               "step_ratio": median(step_ratios), "step_ratio_min": min(step_ratios),
-               "step_ratio_max": max(step_ratios), "cycle_ratio": median(cycle_ratios),
-               "step_ratios": step_ratios,
-               "log_cycle_ratio": median([median(times[name][r]["log_cycle"]) / median(times["stock"][r]["log_cycle"])
-                                          for r in range(opts.repeats)])}
-        if opts.device == "cuda":
-            row["peak_mem_mib"] = max(rep["peak_mem"] for rep in times[name]) / 2**20
-        rows[name] = row
-    if opts.device == "cuda":
-        for name in names:
-            rows[name]["mem_ratio"] = rows[name]["peak_mem_mib"] / rows["stock"]["peak_mem_mib"]
-    elif opts.memory:
-        mem = cpu_memory(names, opts, argv)
-        for name in names:
-            rows[name].update(mem[name])
-            rows[name]["mem_ratio"] = mem[name]["rss_peak_mib"] / mem["stock"]["rss_peak_mib"]
-            rows[name]["mem_delta_ratio"] = mem[name]["rss_delta_mib"] / max(mem["stock"]["rss_delta_mib"], 1e-9)
-
+    times, loads = time_runs(select_configs(opts), opts, build_dataset(opts.block, opts.text_bytes))
     result = {"command": "python benchmarks/overhead.py " + " ".join(argv), "options": vars(opts),
-              "machine": _common.machine_info(), "load_during": loads, "elapsed_s": elapsed,
-              "clip_log_fields": log_fields, "targets": TARGETS, "results": rows}
+              "machine": _common.machine_info(), "load_during": loads, "elapsed_s": time.perf_counter() - t0,
+              "clip_log_fields": layer_log_fields(), "targets": TARGETS, "results": summarise(times, opts, argv)}
     _common.write_json(opts.out + ".json", result)
     _common.write_text(opts.out + ".md", markdown(result))
     print(markdown(result))

@@ -3,7 +3,35 @@
 from __future__ import annotations
 
 import torch
+import transformers
 from transformers import TrainerCallback
+
+BLOCK = 64
+
+
+def make_args(tmp_path, cls=None, **overrides):
+    """Quiet, deterministic CPU TrainingArguments (``cls``: a subclass such as GradClipTrainingArguments)."""
+    cls = cls or transformers.TrainingArguments
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, learning_rate=1e-3,
+                   logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
+                   seed=0, data_seed=0, lr_scheduler_type="constant", dataloader_num_workers=0,
+                   optim="adamw_torch")
+    options.update(overrides)
+    return cls(**options)
+
+
+def train_logs(trainer):
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 class StepRecorder(TrainerCallback):

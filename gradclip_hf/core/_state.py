@@ -28,6 +28,20 @@ def ring_write_(ring: Tensor, position: Tensor, value: Tensor, keep: Tensor) -> 
     ring.index_copy_(0, index, torch.where(keep, value.reshape(current.shape).to(ring.dtype), current))
 
 
+def to_host(named: dict[str, Tensor]) -> dict[str, list[float]]:
+    """Named device tensors as named lists of floats, in ONE device-to-host transfer (float64: exact for
+    integers below 2**53)."""
+    if not named:
+        return {}
+    flat = [t.detach().reshape(-1).to(torch.float64) for t in named.values()]
+    values = torch.cat([f.to(flat[0].device) for f in flat]).tolist()
+    out, at = {}, 0
+    for name, tensor in zip(named, flat):
+        out[name] = values[at: at + tensor.numel()]
+        at += tensor.numel()
+    return out
+
+
 def floats_or_none(values: Tensor) -> list[float | None]:
     """A 1-dim tensor as Python floats, NaN as ``None`` (JSON-safe)."""
     return [None if math.isnan(v) else v for v in values.tolist()]
@@ -112,14 +126,21 @@ class EventLog:
         """Events recorded so far (a host read)."""
         return self._start if self.count is None else int(self.count.item())
 
+    def tensors(self) -> dict[str, Tensor]:
+        """What :meth:`parse` needs, for a :func:`to_host` transfer shared with other values."""
+        return {} if self.rows is None else {"count": self.count, "rows": self.rows}
+
     def read(self, since: int) -> tuple[list[dict[str, float]], int]:
         """``(rows, total)``: the rows numbered ``since`` and later that are still kept (at most ``capacity``,
         the newest), as dicts, and the total number recorded, in one device-to-host transfer. ``total -
         since - len(rows)`` events were overwritten before this read."""
-        if self.rows is None:
+        return self.parse(to_host(self.tensors()), since)
+
+    def parse(self, values: dict[str, list[float]], since: int) -> tuple[list[dict[str, float]], int]:
+        """:meth:`read` from values already on the host (``values["count"]``, ``values["rows"]``)."""
+        if not values:
             return [], self._start
-        flat = torch.cat([self.count.to(self.rows.dtype).view(1), self.rows.flatten()]).tolist()
-        total, values = int(flat[0]), flat[1:]
+        total, values = int(values["count"][0]), values["rows"]
         width = len(self.fields)
         rows = []
         for number in range(max(since, total - self.capacity), total):

@@ -373,5 +373,10 @@ class SpikeController(DeviceState):
         """``(events, total)``: the spikes numbered ``since`` and later (``since`` is the ``total`` a previous
         call returned, 0 at first), at most ``max_events`` of them (the newest), and the number of spikes so
         far. ``total - since - len(events)`` spikes were overwritten before this read. One transfer."""
-        rows, total = self.events.read(since)
+        return self.parse_events(self.events.read(since))
+
+    @staticmethod
+    def parse_events(read: tuple[list[dict[str, float]], int]) -> tuple[list[SpikeEvent], int]:
+        """``(events, total)`` from an ``EventLog`` read of :attr:`events` (rows and total)."""
+        rows, total = read
         return [SpikeEvent.from_row(row) for row in rows], total

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import BLOCK, make_args, train_logs
+from helpers import BLOCK, make_args, train_logs
 from gradclip_hf.config import ClipConfig
 from gradclip_hf.examples import rare_byte_block, tiny_llama
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_args, train_logs
+from helpers import make_args, train_logs
 from gradclip_hf.examples import tiny_llama
 
 transformers = pytest.importorskip("transformers")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_args, train_logs
+from helpers import make_args, train_logs
 from gradclip_hf.config import ClipConfig
 from gradclip_hf.examples import tiny_llama
 

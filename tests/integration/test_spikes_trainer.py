@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_args
+from helpers import make_args
 from gradclip_hf.examples import SpikyByteStream, tiny_llama
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import assert_same_weights, make_args, train_logs, weights
+from helpers import assert_same_weights, make_args, train_logs, weights
 from gradclip_hf.config import ClipConfig
 from gradclip_hf.core import GradClipper
 from gradclip_hf.examples import tiny_llama

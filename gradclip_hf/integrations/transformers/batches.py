@@ -117,17 +117,22 @@ class BatchTracker:
         ring_write_(self.rings["first"], self.count, first.to(flag.device), flag)
         self.count.add_(flag.to(torch.int64))
 
-    def read(self, since: int, total: int) -> list[dict[str, Any]]:
+    def tensors(self) -> dict[str, Tensor]:
+        """The rings, for a shared :func:`~gradclip_hf.core._state.to_host` transfer."""
+        return {} if self.rings is None else dict(self.rings)
+
+    def parse(self, values: dict[str, list[float]], since: int, total: int) -> list[dict[str, Any]]:
         """The records numbered ``since .. total - 1`` that are still kept: per record the sample fingerprints
-        (hex) and first tokens (one transfer)."""
-        if self.rings is None or total <= since:
+        and the first tokens, from the transferred rings."""
+        if not values or total <= since:
             return []
-        prints, first = self.rings["prints"].tolist(), self.rings["first"].tolist()
         out = []
         for number in range(max(since, total - self.capacity), total):
             at = number % self.capacity
-            out.append({"number": number, "prints": [p for p in prints[at] if p],
-                        "tokens": [t for t in first[at] if t >= 0]})
+            prints = values["prints"][at * self.samples: (at + 1) * self.samples]
+            first = values["first"][at * FIRST_TOKENS: (at + 1) * FIRST_TOKENS]
+            out.append({"number": number, "prints": [int(p) for p in prints if p],
+                        "tokens": [int(t) for t in first if t >= 0]})
         return out
 
     def indices(self, prints: list[int], lookback_steps: int) -> list[int] | None:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ...core import ClipReport
+from ...core._state import to_host
 
 __all__ = ["StepLoss", "MetricsWindow", "to_host", "METRIC_KEYS", "SPIKE_KEYS"]
 
@@ -40,17 +41,6 @@ METRIC_KEYS = ("grad_norm", "gradclip/norm_mean", "gradclip/norm_max", "gradclip
                "gradclip/skipped_steps", "gradclip/spikes", "gradclip/spike_factor")
 SPIKE_KEYS = ("gradclip/spikes", "gradclip/spike_factor")
 _COUNTS = ("gradclip/nonfinite_steps", "gradclip/skipped_steps", "gradclip/spikes")
-
-
-def to_host(named: dict[str, Tensor]) -> dict[str, list[float]]:
-    """Named device tensors as named lists of floats, in one device-to-host transfer."""
-    flat = [t.detach().reshape(-1).to(torch.float64) for t in named.values()]
-    values = torch.cat([f.to(flat[0].device) for f in flat]).tolist()
-    out, at = {}, 0
-    for name, tensor in zip(named, flat):
-        out[name] = values[at: at + tensor.numel()]
-        at += tensor.numel()
-    return out
 
 
 class StepLoss:

@@ -85,14 +85,22 @@ class EventRecorder:
         self._listed.append({"event": "skip_listed", "step": step, "kind": "listed", "action": "skip",
                              "skipped": True, "time": time.time()})
 
-    def flush(self, spike_events: list[Any], names: list[str], action: str, threshold_base: Any,
-              current_step: int) -> list[dict]:
-        """Read the new records (one transfer each for rows and batches), match batches, write the lines."""
+    def tensors(self) -> dict[str, Tensor]:
+        """Everything :meth:`flush` reads, named, for one shared transfer."""
+        named = {f"log/{k}": v for k, v in self.log.tensors().items()}
+        named.update({f"batches/{k}": v for k, v in self.batches.tensors().items()})
+        return named
+
+    def flush(self, values: dict[str, list[float]], spike_events: list[Any], names: list[str], action: str,
+              threshold_base: Any, current_step: int) -> list[dict]:
+        """The new records from the transferred ``values`` (:meth:`tensors`): batches matched, lines written."""
         listed, self._listed = self._listed, []
         self.write(listed)
         self.records.extend(listed)
-        rows, total = self.log.read(self.seen)
-        batches = {b["number"]: b for b in self.batches.read(self.seen, total)}
+        part = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("log/")}
+        rows, total = self.log.parse(part, self.seen)
+        part = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("batches/")}
+        batches = {b["number"]: b for b in self.batches.parse(part, self.seen, total)}
         first = total - len(rows)
         self.seen = total
         if not rows:

@@ -87,11 +87,17 @@ class SpikeMessages:
         self.seen = 0  # events already read (restored on resume)
         self.events: list[Any] = []  # every spike read back in this run
 
-    def read(self, action: str) -> list[Any]:
+    def tensors(self) -> dict[str, Any]:
+        spikes = self.clipper.spikes
+        return {} if spikes is None else {f"spikes/{k}": v for k, v in spikes.events.tensors().items()}
+
+    def show(self, values: dict[str, list[float]], action: str) -> list[Any]:
+        """Warn about the spikes since the last call, from the transferred ``values`` (:meth:`tensors`)."""
         spikes = self.clipper.spikes
         if spikes is None:
             return []
-        events, total = spikes.read_events(self.seen)
+        part = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("spikes/")}
+        events, total = spikes.parse_events(spikes.events.parse(part, self.seen))
         overwritten = total - self.seen - len(events)
         self.seen = total
         for event in events[:MAX_MESSAGES]:

@@ -19,7 +19,8 @@ from ...core import ClipReport, GradClipper, SpikeEvent, StateError
 from ..optim import StepGate
 from . import compat
 from .actions import StepActions, logger
-from .metrics import MetricsWindow, StepLoss, to_host
+from ...core._state import to_host
+from .metrics import MetricsWindow, StepLoss
 from .records import EventRecorder
 from .reporting import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages
 
@@ -155,10 +156,8 @@ class ClipRun:
         if "layers" in values:
             self.last_layer_norms = dict(zip(r.names, values["layers"]))
             out.update(self.layers.select(r.names, values["layers"]))
-        if out.get("gradclip/spikes"):
-            self.messages.read(self.actions.action.value)
         if out.get("gradclip/spikes") or out["gradclip/nonfinite_steps"] or self.recorder.pending:
-            self._flush_records(state)
+            self._read_flagged(state)
         if out.get("gradclip/spikes"):
             if spike_vector is not None and len(values["spike_layers"]) == len(self.window.spike_names):
                 self.last_spike_layers = LayerSelector.top(self.window.spike_names, values["spike_layers"],
@@ -209,15 +208,16 @@ class ClipRun:
             self.window.sums = None
             if counts["nonfinite"][0]:
                 self._say_nonfinite(int(counts["nonfinite"][0]), int(getattr(self.state, "global_step", 0)))
-            if counts["spikes"][0]:
-                self.messages.read(self.actions.action.value)
             if counts["spikes"][0] or counts["nonfinite"][0] or self.recorder.pending:
-                self._flush_records(self.state)
+                self._read_flagged(self.state)
 
-    def _flush_records(self, state: Any) -> None:
-        step = int(getattr(state, "global_step", 0) or 0)
-        self.recorder.flush(self.spike_events, self.last_report.names if self.last_report else [],
-                            self.actions.action.value, lambda s: self.clipper.base_threshold(max(s - 1, 0)), step)
+    def _read_flagged(self, state: Any) -> None:
+        """Spike events, records and batches of the window, in ONE transfer: messages, then the JSONL."""
+        values = to_host({**self.messages.tensors(), **self.recorder.tensors()})
+        action = self.actions.action.value
+        self.messages.show(values, action)
+        self.recorder.flush(values, self.spike_events, self.last_report.names if self.last_report else [], action,
+                            lambda s: self.clipper.base_threshold(max(s - 1, 0)), int(getattr(state, "global_step", 0)))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
