@@ -11,7 +11,7 @@ TF4_SPEC ?= transformers==4.57.6
 STAMP_TF4 := $(VENV_TF4)/.gradclip-installed
 PIP_OPTS ?= --quiet
 
-.PHONY: install test test-main test-tf4 demo clean
+.PHONY: install test test-main test-tf4 test-package demo clean
 
 $(STAMP): setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +29,18 @@ $(STAMP_TF4): setup.py setup.cfg
 
 install: $(STAMP)
 
-# the whole suite on the newest transformers, then the Trainer integration and logging tests on 4.57
-test: test-main test-tf4
+# the whole suite on the newest transformers, then the Trainer integration and logging tests on 4.57, then the
+# built package (sdist + wheel, twine check, the wheel used from a fresh virtualenv)
+test: test-main test-tf4 test-package
 
 test-main: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-tf4: $(STAMP_TF4)
 	$(VENV_TF4)/bin/python -m pytest tests/integration tests/logging -p no:cacheprovider $(PYTEST_ARGS)
+
+test-package: $(STAMP)
+	$(PY) tools/check_package.py --torch "$(TORCH_SPEC)"
 
 demo: $(STAMP)
 	WANDB_MODE=offline $(PY) -m gradclip_hf demo $(DEMO_ARGS)
