@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gradclip_hf.cli import main
 from gradclip_hf.report import advice as rules
-from gradclip_hf.report import build_report, load_run
+from gradclip_hf.report import build_report, load_run, render_text
 from gradclip_hf.report.load import SPIKE_FILE, read_spike_file
 from gradclip_hf.report.stats import clip_rate, outliers, percentile, phases
 
@@ -243,12 +243,15 @@ def test_output_dir_reads_the_newest_readable_checkpoint(tmp_path):
 
 
 def test_checkpoint_dir_reads_the_spike_file_of_its_parent(tmp_path):
-    line = json.dumps({"event": "spike", "step": 4, "kind": "loss", "action": "skip", "skipped": True})
-    run = write_run(tmp_path / "run", pack_history([0.5] * 8), checkpoint=8, spike_lines=[line])
+    lines = [json.dumps({"event": "spike", "step": step, "kind": "loss", "action": "skip", "skipped": True})
+             for step in (11, 4)]
+    run = write_run(tmp_path / "run", pack_history([0.5] * 8), checkpoint=8, spike_lines=lines)
     r = build_report(str(run / "checkpoint-8"))
     assert r["source"]["spike_file"] == str(run / SPIKE_FILE)
     assert r["source"]["output_dir"] == str(run)
-    assert [e["step"] for e in r["spikes"]["events"]] == [4] and r["skipped"]["steps"] == [4]
+    assert [(e["step"], e["after_state"]) for e in r["spikes"]["events"]] == [(4, False), (11, True)]
+    assert r["skipped"]["steps"] == [4, 11]
+    assert "step     11  spike loss, action skip (update skipped) [after this state's last step]" in render_text(r)
 
 
 def test_malformed_spike_lines_are_skipped_with_one_warning_each(tmp_path):
@@ -277,11 +280,39 @@ def test_training_args_bin_gives_a_stock_run_its_threshold(tmp_path):
     run = write_run(tmp_path / "run", stock_history(ramp(20, 0.2, 0.4)), checkpoint=20)
     r = build_report(str(run))
     assert r["threshold"]["value"] == 1.0 and r["threshold"]["source"].startswith("assumed: the Trainer default")
-    torch.save(transformers.TrainingArguments(output_dir=str(run), max_grad_norm=0.3, report_to="none"),
-               run / "checkpoint-20" / "training_args.bin")
+    args = transformers.TrainingArguments(output_dir=str(run), max_grad_norm=0.3, report_to="none")
+    torch.save(args, run / "training_args.bin")  # the output_dir's, when the checkpoint has none
     r = build_report(str(run))
-    assert r["threshold"]["value"] == 0.3 and r["threshold"]["source"].endswith("training_args.bin")
+    assert r["threshold"]["value"] == 0.3 and r["threshold"]["source"] == f"max_grad_norm from {run}/training_args.bin"
+    args.max_grad_norm = 0.0
+    torch.save(args, run / "checkpoint-20" / "training_args.bin")  # the checkpoint's own comes first
+    r = build_report(str(run))
+    assert not r["threshold"]["clipping"] and r["advice"][0]["rule"] == "no_clipping"
     assert build_report(str(run), threshold=0.7)["threshold"]["value"] == 0.7  # --threshold wins
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_training_args_bin_is_read_without_running_the_pickle(tmp_path):
+    import torch
+
+    from gradclip_hf.report.training_args import read_max_grad_norm
+
+    payload, target = _Payload(), tmp_path / "made_by_the_pickle"
+    payload.target = str(target)
+    path = tmp_path / "training_args.bin"
+    torch.save({"max_grad_norm": payload}, path)
+    assert read_max_grad_norm(str(path)) is None and not target.exists()
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="cannot read .*training_args.bin.* as torch.save"):
+        read_max_grad_norm(str(path))
+    run = write_run(tmp_path / "run", stock_history(ramp(20, 0.2, 0.4)))
+    (run / "training_args.bin").write_bytes(b"not a zip")
+    r = build_report(str(run))
+    assert r["threshold"]["value"] == 1.0 and any("cannot read" in w for w in r["warnings"])
 
 
 def test_logged_threshold_ignores_the_option_and_says_so(tmp_path):

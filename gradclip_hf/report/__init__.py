@@ -4,7 +4,8 @@ threshold suits it.
 Reads ``trainer_state.json`` (the Trainer's ``log_history``) and, when there, ``gradclip_spikes.jsonl``;
 works on runs of the stock Trainer (``grad_norm`` only) and of this pack (``gradclip/*``). See
 :mod:`.load` (what is read, where from), :mod:`.stats` (percentiles, phases, clip rates, outliers),
-:mod:`.advice` (the threshold rules) and ``docs/report.md``.
+:mod:`.advice` (the threshold rules), :mod:`.training_args` (a stock run's ``max_grad_norm``) and
+``docs/report.md``.
 
     from gradclip_hf.report import build_report
     report = build_report("out/")            # a dict; report["advice"][0]["message"]
@@ -51,8 +52,8 @@ def build_report(path: str, threshold: Optional[float] = None, chart: Optional[s
 
     Args:
         threshold: the clip threshold of a run that did not log ``gradclip/threshold`` (stock Trainer:
-            its ``max_grad_norm``); by default read from the run's ``training_args.bin`` (a pickle: only when
-            transformers is importable, only from the run's own folder), else the Trainer default 1.0.
+            its ``max_grad_norm``); by default read from the run's own ``training_args.bin`` (a pickle, read
+            inertly: :mod:`.training_args`), else the Trainer default 1.0.
         chart: where to write the norms chart (PNG); ``None``: no chart.
 
     Raises:

@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=None, metavar="X",
                         help="clip threshold of a run that did not log gradclip/threshold (a stock Trainer run: its "
                              "max_grad_norm; 0: it did not clip). Default: max_grad_norm from the run's "
-                             "training_args.bin, which is a pickle and is read only from the run's own folder "
-                             "(the checkpoint's, else the output_dir's) and only when transformers is installed; "
-                             "else the Trainer default 1.0 (the report says which). Ignored for runs that logged it.")
+                             "training_args.bin (the checkpoint's, else the output_dir's; only the run's own), a "
+                             "pickle read without importing or running anything it names; else the Trainer default "
+                             "1.0 (the report says which). Ignored for runs that logged gradclip/threshold.")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     chart = parser.add_mutually_exclusive_group()
     chart.add_argument("--png", metavar="FILE", default=None,

@@ -1,7 +1,6 @@
 """Read what a Trainer run logged: ``trainer_state.json`` (its ``log_history``) and ``gradclip_spikes.jsonl``.
 
-No torch and no transformers here, except :func:`stock_threshold`, which unpickles ``training_args.bin``
-(a pickled ``TrainingArguments``) only when transformers is importable and only from the run's own folder.
+No torch and no transformers here (``training_args.bin`` is read by :mod:`.training_args`).
 
 Where the files are:
 
@@ -19,13 +18,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["Window", "Event", "Run", "load_run", "find_state", "read_spike_file", "stock_threshold",
-           "STATE_FILE", "SPIKE_FILE", "TRAINER_DEFAULT_THRESHOLD"]
+__all__ = ["Window", "Event", "Run", "load_run", "find_state", "read_spike_file", "STATE_FILE", "SPIKE_FILE"]
 
 STATE_FILE = "trainer_state.json"
 SPIKE_FILE = "gradclip_spikes.jsonl"
-ARGS_FILE = "training_args.bin"
-TRAINER_DEFAULT_THRESHOLD = 1.0  # TrainingArguments.max_grad_norm's default
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -146,8 +142,9 @@ class Run:
 
 
 def _output_dir(path: str) -> str:
-    path = os.path.abspath(path)
-    return os.path.dirname(path) if _CHECKPOINT.match(os.path.basename(path)) else path
+    if _CHECKPOINT.match(os.path.basename(os.path.abspath(path))):
+        return os.path.normpath(os.path.join(path, os.pardir))
+    return os.path.normpath(path)
 
 
 def _checkpoints(directory: str) -> list[str]:
@@ -278,28 +275,3 @@ def load_run(path: str) -> Run:
                evals=evals, stop_reasons=stops, global_step=_int(state.get("global_step")),
                max_steps=_int(state.get("max_steps")), logging_steps=logging_steps, strategy=_strategy(state),
                warnings=warnings)
-
-
-def stock_threshold(run: Run) -> tuple[Optional[float], str]:
-    """``max_grad_norm`` of a run that did not log ``gradclip/threshold``, and where it came from.
-
-    Reads ``training_args.bin`` (next to the state file, else in the ``output_dir``) only if transformers is
-    importable: it is a pickle, so it is only ever read from the run's own folder. Falls back to the
-    Trainer's default, 1.0."""
-    try:
-        import transformers  # noqa: F401  (unpickling TrainingArguments needs it)
-        import torch
-    except ImportError:
-        return TRAINER_DEFAULT_THRESHOLD, "assumed: the Trainer default max_grad_norm (transformers not importable)"
-    for folder in dict.fromkeys((os.path.dirname(run.state_path), run.output_dir)):
-        path = os.path.join(folder, ARGS_FILE)
-        if not os.path.isfile(path):
-            continue
-        try:
-            args = torch.load(path, weights_only=False)
-        except Exception as e:  # a pickle from another version: say so and fall back
-            run.warnings.append(f"cannot read {path}: {type(e).__name__}: {e}")
-            continue
-        value = _num(getattr(args, "max_grad_norm", None))
-        return (value if value is not None else 0.0), f"max_grad_norm from {path}"
-    return TRAINER_DEFAULT_THRESHOLD, f"assumed: the Trainer default max_grad_norm (no readable {ARGS_FILE})"

@@ -95,6 +95,7 @@ def _event_lines(e: dict) -> list[str]:
     head += f" {e['kind']}" if e["kind"] else ""
     head += f", action {e['action']}" if e["action"] else ""
     head += " (update skipped)" if e["skipped"] else ""
+    head += " [after this state's last step]" if e["after_state"] else ""
     for what in ("loss", "norm"):
         if e[what] is not None:
             extra = [f"baseline {g(e[what + '_baseline'])}" if e[what + "_baseline"] is not None else None,

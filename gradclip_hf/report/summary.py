@@ -6,8 +6,9 @@ import math
 from dataclasses import asdict
 from typing import Optional
 
-from .load import Run, Window, stock_threshold
+from .load import Run, Window
 from .stats import clip_rate, finite, norm_summary, outliers, percentile, phases
+from .training_args import stock_threshold
 
 __all__ = ["summarize", "MIN_NORMS"]
 
@@ -37,7 +38,11 @@ def _threshold(run: Run, steady: list[Window], override: Optional[float]) -> dic
 
 
 def _events(run: Run) -> dict:
+    """Spike-file events by step; ``after_state``: after this state's last step (a checkpoint's report lists
+    the later events of the run too: the candidates to skip when resuming from it)."""
     events = [asdict(e) for e in sorted(run.events, key=lambda e: (e.step is None, e.step or 0))]
+    for e in events:
+        e["after_state"] = e["step"] is not None and e["step"] > run.windows[-1].step
     logged = [w.spikes for w in run.windows if w.spikes is not None]
     return {"detector": bool(logged), "logged": sum(logged) if logged else None, "events": events,
             "windows": [{"first": w.first, "last": w.step, "count": w.spikes} for w in run.windows if w.spikes]}
