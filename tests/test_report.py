@@ -207,6 +207,12 @@ def test_each_note_fires_on_its_case_only(tmp_path):
     assert reports["nonfinite"]["nonfinite"] == {"count": 1, "steps": [31]}
 
 
+def test_notes_come_with_too_few_norms(tmp_path):
+    r = report_of(tmp_path, stock_history([float("nan")] * 3), threshold=1.0)
+    assert [a["rule"] for a in r["advice"]] == ["too_few_norms", "nonfinite"]
+    assert "only 0 finite gradient norm(s) logged (and 3 non-finite)" in r["advice"][0]["message"]
+
+
 # ---------------------------------------------------------------------------------------------- reading
 def test_missing_state_names_the_path_and_what_is_missing(tmp_path):
     (tmp_path / "empty").mkdir()

@@ -85,11 +85,12 @@ def _comparable(r: dict) -> bool:
 
 # ---------------------------------------------------------------------------------------------- threshold rules
 def too_few_norms(r: dict) -> Optional[dict]:
-    n = r["norms"]["all"]["n"]
+    n, bad = r["norms"]["all"]["n"], r["norms"]["all"]["nonfinite"]
     if n >= MIN_NORMS:
         return None
-    return _advice("too_few_norms", f"only {n} finite gradient norm(s) logged: too few to advise on the threshold; "
-                   "log more often (smaller logging_steps) or report on a longer run")
+    also = f" (and {bad} non-finite)" if bad else ""
+    return _advice("too_few_norms", f"only {n} finite gradient norm(s) logged{also}: too few to advise on the "
+                   "threshold; log more often (smaller logging_steps) or report on a longer run")
 
 
 def no_clipping(r: dict) -> Optional[dict]:
@@ -207,7 +208,7 @@ def nonfinite(r: dict) -> Optional[dict]:
     if r["run"]["pack"]:
         tail = "the pack's nonfinite policy decided what happened to them (the default, 'skip', skips the update)"
     else:
-        tail = ("the stock Trainer applies such a step (clip_grad_norm_ scales it by a NaN factor) unless an fp16 "
+        tail = ("the stock Trainer applies such a step (clip_grad_norm_ leaves NaN in the gradient) unless an fp16 "
                 "GradScaler skipped it: check the weights; the pack's nonfinite='skip' never applies one")
     return _advice("nonfinite", f"{n['count']} step(s) with a non-finite gradient norm{where}: {tail}")
 
@@ -219,6 +220,4 @@ NOTE_RULES: tuple[Callable[[dict], Optional[dict]], ...] = (
 def advise(report: dict) -> list[dict]:
     """The advice for a :func:`summarize` report: one threshold rule's advice, then any notes."""
     first = next((a for a in (rule(report) for rule in THRESHOLD_RULES) if a is not None), None)
-    if first is None or first["rule"] == "too_few_norms":
-        return [first] if first else []
-    return [first] + [a for a in (rule(report) for rule in NOTE_RULES) if a is not None]
+    return ([first] if first else []) + [a for a in (rule(report) for rule in NOTE_RULES) if a is not None]

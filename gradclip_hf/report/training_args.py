@@ -1,11 +1,11 @@
 """``max_grad_norm`` of a stock Trainer run, from its ``training_args.bin``, without running the pickle.
 
 ``training_args.bin`` is ``torch.save(TrainingArguments)``: a zip whose ``*/data.pkl`` is a pickle. Loading
-it with ``torch.load(weights_only=False)`` would import transformers and accelerate and run whatever the
-pickle names (it rebuilds an ``accelerate.PartialState``, for one). :class:`_InertUnpickler` instead maps
-every class and function the pickle names to :class:`_Inert`, a plain record: nothing is imported and no
-code from the file runs; the arguments' plain fields (``max_grad_norm`` is a float) come back as
-attributes. It is still only read from the run's own folder.
+it with ``torch.load(weights_only=False)`` would import transformers and accelerate and call whatever the
+pickle names (a ``TrainingArguments`` pickle names ``accelerate.state.PartialState``, for one).
+:class:`_InertUnpickler` maps every class and function the pickle names to :class:`_Inert`, a plain
+record: nothing is imported and no code from the file runs; the arguments' plain fields
+(``max_grad_norm`` is a float) come back as attributes. It is still only read from the run's own folder.
 """
 
 from __future__ import annotations
