@@ -3,6 +3,9 @@
 ``demo``: no clipping vs the stock ``max_grad_norm=1.0`` vs this pack's recommended configuration, on a
 tiny Llama trained on the Python standard library's text with injected rare-byte batches (loss spikes).
 Writes ``demo_output/report.md``, charts, TensorBoard logs and offline W&B runs. See :mod:`gradclip_hf.demo`.
+
+``report``: what a Trainer run's gradient norms, clip rate and spikes were, and a clip threshold
+suggestion, from its ``trainer_state.json`` (stock Trainer runs too). See :mod:`gradclip_hf.report`.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import sys
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's parser (for its ``error``), by name."""
     from . import __version__
     from .demo import add_arguments
+    from .report import command as report
 
     parser = argparse.ArgumentParser(prog="gradclip-hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,22 +31,29 @@ def _parser() -> argparse.ArgumentParser:
                           description=__import__("gradclip_hf.demo", fromlist=["x"]).__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(demo)
-    return parser
+    rep = sub.add_parser("report", help="gradient norms, clip rate, spikes and a clip threshold suggestion for a "
+                         "Trainer run (its output_dir or checkpoint)", description=report.DESCRIPTION,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_arguments(rep)
+    return parser, {"demo": demo, "report": rep}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gradclip-hf`` console script (``setup.cfg``) and ``python -m gradclip_hf``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    parser, commands = _parsers()
     ns = parser.parse_args(argv)
     if ns.command == "demo":
         from .demo import _check, run_demo
 
-        demo_parser = parser._subparsers._group_actions[0].choices["demo"]
-        _check(ns, demo_parser.error)
+        _check(ns, commands["demo"].error)
         command = "gradclip-hf " + " ".join(argv)
         run_demo(ns, command)
         return 0
+    if ns.command == "report":
+        from .report.command import run_report
+
+        return run_report(ns, commands["report"].error)
     parser.error(f"unknown command {ns.command!r}")  # pragma: no cover
     return 2  # pragma: no cover
 
