@@ -9,9 +9,13 @@ STAMP := $(VENV)/.gradclip-installed
 VENV_TF4 ?= .venv-tf4
 TF4_SPEC ?= transformers==4.57.6
 STAMP_TF4 := $(VENV_TF4)/.gradclip-installed
+# Axolotl 0.19.0 (the last release for Python 3.11 with a CPU torch): its own lane and virtualenv (~4.4 GB)
+VENV_AXOLOTL ?= .venv-axolotl
+AXOLOTL_SPEC ?= axolotl==0.19.0
+STAMP_AXOLOTL := $(VENV_AXOLOTL)/.gradclip-installed
 PIP_OPTS ?= --quiet
 
-.PHONY: install test test-main test-tf4 demo clean
+.PHONY: install test test-main test-tf4 test-axolotl demo clean
 
 $(STAMP): setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +31,14 @@ $(STAMP_TF4): setup.py setup.cfg
 	$(VENV_TF4)/bin/python -m pip install $(PIP_OPTS) -e ".[test]" "$(TF4_SPEC)"
 	touch $(STAMP_TF4)
 
+$(STAMP_AXOLOTL): setup.py setup.cfg
+	$(PYTHON) -m venv $(VENV_AXOLOTL)
+	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) --upgrade pip
+	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)"
+	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" "$(AXOLOTL_SPEC)"
+	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" -e ".[test]"
+	touch $(STAMP_AXOLOTL)
+
 install: $(STAMP)
 
 # the whole suite on the newest transformers, then the Trainer integration and logging tests on 4.57
@@ -38,8 +50,12 @@ test-main: $(STAMP)
 test-tf4: $(STAMP_TF4)
 	$(VENV_TF4)/bin/python -m pytest tests/integration tests/logging -p no:cacheprovider $(PYTEST_ARGS)
 
+# real `axolotl train` runs with the plugin (see tests/axolotl); not part of `make test` (docs/axolotl.md)
+test-axolotl: $(STAMP_AXOLOTL)
+	$(VENV_AXOLOTL)/bin/python -m pytest tests/axolotl -p no:cacheprovider $(PYTEST_ARGS)
+
 demo: $(STAMP)
 	WANDB_MODE=offline $(PY) -m gradclip_hf demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV_TF4) build *.egg-info .pytest_cache demo_output
+	rm -rf $(VENV) $(VENV_TF4) $(VENV_AXOLOTL) build *.egg-info .pytest_cache demo_output
