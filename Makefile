@@ -50,7 +50,7 @@ test-main: $(STAMP)
 test-tf4: $(STAMP_TF4)
 	$(VENV_TF4)/bin/python -m pytest tests/integration tests/logging -p no:cacheprovider $(PYTEST_ARGS)
 
-# real `axolotl train` runs with the plugin (see tests/axolotl); not part of `make test` (docs/axolotl.md)
+# real `axolotl train` runs with the plugin (tests/axolotl); its cost and whether `make test` runs it: docs/axolotl.md
 test-axolotl: $(STAMP_AXOLOTL)
 	$(VENV_AXOLOTL)/bin/python -m pytest tests/axolotl -p no:cacheprovider $(PYTEST_ARGS)
 

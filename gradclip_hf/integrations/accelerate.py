@@ -35,7 +35,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from ..config import ClipConfig, SpikeDetection
+from ..config import ClipConfig
 from ..core import ClipReport, GradClipper, OptionError
 
 __all__ = ["AcceleratorClipper"]
@@ -99,8 +99,8 @@ class AcceleratorClipper:
         self.state = _LoopState(total_steps)
         self.run = ClipRun(config, clipper, args=SimpleNamespace(max_grad_norm=max_grad_norm), state=self.state,
                            optimizer=optimizer, owner=type(self).__name__)
-        self.needs_loss = config is not None and config.spike_detection in (SpikeDetection.LOSS.value,
-                                                                             SpikeDetection.BOTH.value)
+        spikes = self.run.clipper.spikes
+        self.needs_loss = spikes is not None and spikes.loss_detector is not None
         self._loss_sum: Any = None
         self._loss_count = 0
 
