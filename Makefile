@@ -9,9 +9,13 @@ STAMP := $(VENV)/.gradclip-installed
 VENV_TF4 ?= .venv-tf4
 TF4_SPEC ?= transformers==4.57.6
 STAMP_TF4 := $(VENV_TF4)/.gradclip-installed
+# Axolotl 0.19.0 (the last release for Python 3.11 with a CPU torch): its own lane and virtualenv (~4.4 GB)
+VENV_AXOLOTL ?= .venv-axolotl
+AXOLOTL_SPEC ?= axolotl==0.19.0
+STAMP_AXOLOTL := $(VENV_AXOLOTL)/.gradclip-installed
 PIP_OPTS ?= --quiet
 
-.PHONY: install test test-main test-tf4 test-package demo clean
+.PHONY: install test test-main test-tf4 test-package test-axolotl demo clean
 
 $(STAMP): setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +30,14 @@ $(STAMP_TF4): setup.py setup.cfg
 	$(VENV_TF4)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)"
 	$(VENV_TF4)/bin/python -m pip install $(PIP_OPTS) -e ".[test]" "$(TF4_SPEC)"
 	touch $(STAMP_TF4)
+
+$(STAMP_AXOLOTL): setup.py setup.cfg
+	$(PYTHON) -m venv $(VENV_AXOLOTL)
+	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) --upgrade pip
+	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)"
+	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" "$(AXOLOTL_SPEC)"
+	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" -e ".[test]"
+	touch $(STAMP_AXOLOTL)
 
 install: $(STAMP)
 
@@ -42,8 +54,12 @@ test-tf4: $(STAMP_TF4)
 test-package: $(STAMP)
 	$(PY) tools/check_package.py --torch "$(TORCH_SPEC)"
 
+# real `axolotl train` runs with the plugin (tests/axolotl); its cost and whether `make test` runs it: docs/axolotl.md
+test-axolotl: $(STAMP_AXOLOTL)
+	$(VENV_AXOLOTL)/bin/python -m pytest tests/axolotl -p no:cacheprovider $(PYTEST_ARGS)
+
 demo: $(STAMP)
 	WANDB_MODE=offline $(PY) -m gradclip_hf demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV_TF4) build *.egg-info .pytest_cache demo_output
+	rm -rf $(VENV) $(VENV_TF4) $(VENV_AXOLOTL) build *.egg-info .pytest_cache demo_output

@@ -244,17 +244,19 @@ def panel_layout(layer_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
     2. **clip rate**: ``train/gradclip/clip_rate`` (0..1): near 1 for long means the threshold is too
        tight for the run; near 0 always means it never acts.
     3. **spikes and skipped steps**: ``train/gradclip/spikes``, ``train/gradclip/skipped_steps``,
-       ``train/gradclip/nonfinite_steps`` as bars per logging window, next to ``train/loss``.
+       ``train/gradclip/nonfinite_steps`` (counts per logging window) over the steps, next to ``train/loss``.
     4. **spike factor and coefficient**: ``train/gradclip/spike_factor`` and ``train/gradclip/coef``.
-    5. **per-layer norms**: ``train/gradclip/layer/*`` in one line plot (the top-k layers), the
+    5. **per-layer norms**: every ``train/gradclip/layer/<name>`` key in one line plot (the top-k layers; a
+       metric regex, as the names depend on the model), the
        ``gradclip/layer_norms`` histogram, and the ``gradclip/spike_events`` table.
     6. **over the run**: the ``gradclip/norms_over_run`` chart logged at train end.
 
-    Returns a list of sections ``{"name", "panels": [{"type", "title", "x", "y", "log_y"?}]}``;
+    Returns a list of sections ``{"name", "panels": [{"type", "title", "x", "y", "log_y"?, "regex"?}]}``
+    (``regex``: more y keys, every metric the regular expression matches);
     :func:`create_workspace` turns it into a saved W&B workspace when ``wandb-workspaces`` is installed.
     """
     x = STEP_METRIC
-    layers = list(layer_keys) or ["train/gradclip/layer/*"]
+    layers = {"y": list(layer_keys)} if layer_keys else {"y": [], "regex": f"^train/{SECTION}/layer/"}
     return [{
         "name": SECTION,
         "panels": [
@@ -263,12 +265,12 @@ def panel_layout(layer_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
                    "train/gradclip/norm_post", "train/gradclip/threshold"]},
             {"type": "line", "title": "clip rate (fraction of steps clipped)", "x": x,
              "y": ["train/gradclip/clip_rate"]},
-            {"type": "bar", "title": "spikes, skipped and non-finite steps per window", "x": x,
+            {"type": "line", "title": "spikes, skipped and non-finite steps per logging window", "x": x,
              "y": ["train/gradclip/spikes", "train/gradclip/skipped_steps", "train/gradclip/nonfinite_steps"]},
             {"type": "line", "title": "loss", "x": x, "y": ["train/loss"]},
             {"type": "line", "title": "spike factor and clip coefficient", "x": x,
              "y": ["train/gradclip/spike_factor", "train/gradclip/coef"]},
-            {"type": "line", "title": "per-layer gradient norms (top-k)", "x": x, "log_y": True, "y": layers},
+            {"type": "line", "title": "per-layer gradient norms (top-k)", "x": x, "log_y": True, **layers},
             {"type": "histogram", "title": "per-layer norm histogram", "x": x, "y": [f"{SECTION}/layer_norms"]},
             {"type": "table", "title": "spike events", "y": [f"{SECTION}/spike_events"]},
             {"type": "custom", "title": "norms over the run", "y": [f"{SECTION}/norms_over_run"]},
@@ -280,8 +282,9 @@ def create_workspace(entity: str, project: str, name: str = "gradclip", layer_ke
     """Save :func:`panel_layout` as a W&B workspace view with the ``wandb-workspaces`` library
     (``pip install wandb-workspaces``; needs a W&B login). Returns the saved workspace.
 
-    Line and bar panels become ``LinePlot``/``BarPlot``; the histogram, table and custom chart panels
-    appear by themselves in the ``gradclip`` section of an automatic workspace and are left out here.
+    Line panels become ``LinePlot`` panels against ``train/global_step`` (also the workspace's x axis); the
+    per-layer panel selects its keys with a metric regex. The histogram, table and custom chart panels appear
+    by themselves in the ``gradclip`` section of an automatic workspace and are left out here.
     """
     try:
         import wandb_workspaces.reports.v2 as wr
@@ -292,14 +295,11 @@ def create_workspace(entity: str, project: str, name: str = "gradclip", layer_ke
                           "the run's define_metric calls give.") from error
     sections = []
     for section in panel_layout(layer_keys):
-        panels = []
-        for panel in section["panels"]:
-            if panel["type"] == "line":
-                panels.append(wr.LinePlot(title=panel["title"], x=panel["x"], y=list(panel["y"]),
-                                          log_y=panel.get("log_y", False)))
-            elif panel["type"] == "bar":
-                panels.append(wr.BarPlot(title=panel["title"], metrics=list(panel["y"])))
+        panels = [wr.LinePlot(title=panel["title"], x=panel["x"], y=list(panel["y"]), log_y=panel.get("log_y", False),
+                              metric_regex=panel.get("regex"))
+                  for panel in section["panels"] if panel["type"] == "line"]
         sections.append(ws.Section(name=section["name"], panels=panels, is_open=True))
-    workspace = ws.Workspace(entity=entity, project=project, name=name, sections=sections)
+    workspace = ws.Workspace(entity=entity, project=project, name=name, sections=sections,
+                             settings=ws.WorkspaceSettings(x_axis=STEP_METRIC))
     workspace.save()
     return workspace

@@ -1,9 +1,8 @@
-"""Read the records of an offline W&B run (``run-*.wandb``) back with wandb's own protobuf messages.
+"""Read an offline W&B run back with wandb's own reader: ``wandb leet inspect --json`` (wandb >= 0.31).
 
-wandb 0.31 no longer ships its Python ``DataStore`` reader (the Go core writes the file), so the
-container format is parsed here: a 7-byte header (``:W&B``, magic 0xBEE1, version), then
-LevelDB-log records in 32 KiB blocks, each with a 7-byte header (crc32c, length, type:
-1 full, 2 first, 3 middle, 4 last); the payloads are ``wandb_internal_pb2.Record`` messages.
+It prints one JSON object per record of the run's ``.wandb`` transaction log (``{"num", "type", <type>: ...}``);
+history items come flattened, nested values joined with ``.`` (``gradclip/layer_norms._type``). ``--summary
+--json`` prints the run's state (``finished`` once the ``exit`` record is written) and latest values.
 """
 
 from __future__ import annotations
@@ -11,85 +10,46 @@ from __future__ import annotations
 import glob
 import json
 import os
-import struct
+import shutil
+import subprocess
+import sys
 import time
-
-BLOCK = 32768
-HEADER = 7
-
-
-def wandb_file(root: str) -> str:
-    files = glob.glob(os.path.join(str(root), "wandb", "offline-run-*", "run-*.wandb"))
-    assert len(files) == 1, f"expected one offline run under {root}, found {files}"
-    return files[0]
+from collections import Counter
+from typing import Any
 
 
-def payloads(path: str):
-    data = open(path, "rb").read()
-    assert data[:4] == b":W&B", "not a W&B transaction log"
-    pos, parts = HEADER, []
-    while pos + HEADER <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < HEADER:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        pos += HEADER
-        chunk, pos = data[pos:pos + length], pos + length
-        if kind == 0 and length == 0:  # zero padding at the end of a block
-            pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
-            continue
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            parts = [chunk]
-        elif kind == 3:
-            parts.append(chunk)
-        elif kind == 4:
-            parts.append(chunk)
-            yield b"".join(parts)
-            parts = []
+def wandb_cli() -> str:
+    here = os.path.join(os.path.dirname(sys.executable), "wandb")
+    return here if os.path.exists(here) else (shutil.which("wandb") or "wandb")
 
 
-def records(path: str):
-    """Every ``Record`` of the run, parsed."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    for payload in payloads(path):
-        record = pb.Record()
-        record.ParseFromString(payload)
-        yield record
+def run_dir(root: str) -> str:
+    runs = glob.glob(os.path.join(str(root), "wandb", "offline-run-*"))
+    assert len(runs) == 1, f"expected one offline run under {root}, found {runs}"
+    return runs[0]
 
 
-def read_run(root: str, timeout: float = 30.0) -> dict:
-    """Wait until the run's file is complete (wandb's core process may still be writing after
-    ``wandb.finish()`` returns: an ``exit`` record is there and the size stopped changing), then read it.
+def inspect(path: str, *options: str) -> str:
+    proc = subprocess.run([wandb_cli(), "leet", "inspect", "--json", *options, path], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
 
-    ``history`` (list of {key: decoded value}), ``alerts`` (Record.alert messages), ``metrics``
-    (define_metric records), ``kinds`` (count of each record type)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        path = wandb_file(root)
-        size = os.path.getsize(path)
-        out = _read(path)
+
+def summary(path: str) -> dict[str, Any]:
+    """``wandb leet inspect --summary --json``: state, step, summary (latest values), config, ..."""
+    return json.loads(inspect(path, "--summary"))
+
+
+def read_run(root: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Wait until the run is ``finished`` (wandb's core process may still be writing after ``wandb.finish()``
+    returns), then read its records: ``history`` (the items of each history record), ``alerts``, ``metrics``
+    (``define_metric`` records), ``kinds`` (count of each record type)."""
+    path, deadline = run_dir(root), time.monotonic() + timeout
+    while summary(path).get("state") != "finished" and time.monotonic() < deadline:
         time.sleep(0.3)
-        if ("exit" in out["kinds"] and os.path.getsize(path) == size) or time.monotonic() > deadline:
-            return out
-
-
-def _read(path: str) -> dict:
-    out = {"history": [], "alerts": [], "metrics": [], "kinds": {}}
-    for record in records(path):
-        kind = record.WhichOneof("record_type")
-        out["kinds"][kind] = out["kinds"].get(kind, 0) + 1
-        if kind == "history":
-            row = {}
-            for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                row[key] = json.loads(item.value_json)
-            out["history"].append(row)
-        elif kind == "alert":
-            out["alerts"].append(record.alert)
-        elif kind == "metric":
-            out["metrics"].append(record.metric)
-    return out
+    records = [json.loads(line) for line in inspect(path).splitlines() if line.strip()]
+    kinds = Counter(r["type"] for r in records)
+    return {"history": [r["history"]["item"] for r in records if r["type"] == "history"],
+            "alerts": [r["alert"] for r in records if r["type"] == "alert"],
+            "metrics": [r["metric"] for r in records if r["type"] == "metric"], "kinds": dict(kinds)}

@@ -1,0 +1,184 @@
+"""``AcceleratorClipper``: the pack in a hand-written ``accelerate`` training loop.
+
+The ``*_no_trainer.py`` examples of transformers clip with one line::
+
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+
+With the pack (after ``accelerator.prepare``)::
+
+    clipper = AcceleratorClipper(accelerator, ClipConfig(strategy="zscore"), model, optimizer,
+                                 max_grad_norm=args.max_grad_norm)
+    ...
+    accelerator.backward(loss)
+    clipper.clip_(loss)          # every micro-step; clips only when accelerator.sync_gradients
+    optimizer.step()             # unchanged: a skipped update is skipped inside this call
+
+Per optimizer step (``accelerator.sync_gradients`` True) it unscales fp16 gradients through accelerate
+exactly once (``accelerator.unscale_gradients``, only while the ``GradScaler`` stage is still READY), clips
+once with the configured strategy, feeds the step loss (mean of the micro-batch losses; the spike controller
+averages it over processes with one all-reduce) to the spike controller, and arms the optimizer's
+:class:`~gradclip_hf.integrations.optim.StepGate` (installed once, on the inner torch optimizer) with the
+step's skip decision, so the loop keeps calling ``optimizer.step()`` as before. The decision is the same on
+every process: the gradients are already reduced and the loss is averaged. Host reads: none per step on
+fused torch optimizers; one per step where a skip is possible on other optimizers, and for
+``spike_action`` ``rollback``/``stop``. :meth:`metrics` reads the logging window in one transfer.
+
+It runs the same per-run machinery as the Trainer integration (:class:`~.transformers.run.ClipRun`), so the
+metrics, spike messages and actions are those of ``GradClipTrainer``; ``transformers`` must be installed.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from ..config import ClipConfig
+from ..core import ClipReport, GradClipper, OptionError
+
+__all__ = ["AcceleratorClipper"]
+
+
+def _as_clipper(config: Any) -> tuple[ClipConfig | None, GradClipper | None]:
+    if config is None:
+        return ClipConfig(), None
+    if isinstance(config, dict):
+        return ClipConfig(**config), None
+    if isinstance(config, ClipConfig):
+        return config, None
+    if isinstance(config, GradClipper):
+        return None, config
+    raise OptionError("config", config, "a ClipConfig, a dict of its options, a GradClipper, or None")
+
+
+def _check_accelerator(accelerator: Any) -> None:
+    from accelerate.utils import DistributedType
+
+    kind = getattr(accelerator, "distributed_type", None)
+    if kind == DistributedType.DEEPSPEED:
+        raise ValueError("AcceleratorClipper: DeepSpeed steps inside its engine during accelerator.backward(), "
+                         "before the loop could clip; use DeepSpeed's own gradient_clipping.")
+    if kind == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
+        raise ValueError("AcceleratorClipper: FSDP1 shards flattened parameters into plain tensors, so each "
+                         "process would measure only its own shard; use FSDP2 (fsdp_version: 2).")
+
+
+class _LoopState:
+    """What a run reads of a Trainer's state: the step counter, the run length, a place for a stop reason."""
+
+    def __init__(self, max_steps: int | None):
+        self.global_step, self.max_steps, self.log_history = 0, max_steps or 0, []
+
+
+class AcceleratorClipper:
+    """Clips, and skips updates, in a loop written with ``accelerate`` (see the module docstring).
+
+    Args:
+        accelerator: the ``accelerate.Accelerator`` of the loop.
+        config: a :class:`~gradclip_hf.config.ClipConfig` (or a dict of its options), a ready
+            :class:`~gradclip_hf.core.GradClipper`, or ``None`` (norm clipping at ``max_grad_norm``, exactly
+            ``accelerator.clip_grad_norm_``).
+        model, optimizer: what ``accelerator.prepare`` returned (the gate goes on the inner torch optimizer).
+        max_grad_norm: the loop's clipping threshold; ``config.threshold`` defaults to it.
+        total_steps: optimizer steps of the run (linear/cosine schedules without ``schedule_steps``).
+    """
+
+    def __init__(self, accelerator: Any, config: Any = None, model: Any = None, optimizer: Any = None, *,
+                 max_grad_norm: float = 1.0, total_steps: int | None = None):
+        if model is None or optimizer is None:
+            raise ValueError("AcceleratorClipper needs the prepared model and optimizer: "
+                             "AcceleratorClipper(accelerator, config, model, optimizer).")
+        _check_accelerator(accelerator)
+        from .transformers.run import ClipRun
+
+        config, clipper = _as_clipper(config)
+        self.accelerator, self.optimizer = accelerator, optimizer
+        self.model = accelerator.unwrap_model(model)  # parameter names without DDP's "module." prefix
+        self.state = _LoopState(total_steps)
+        self.run = ClipRun(config, clipper, args=SimpleNamespace(max_grad_norm=max_grad_norm), state=self.state,
+                           optimizer=optimizer, owner=type(self).__name__)
+        spikes = self.run.clipper.spikes
+        self.needs_loss = spikes is not None and spikes.loss_detector is not None
+        self._loss_sum: Any = None
+        self._loss_count = 0
+
+    # ------------------------------------------------------------------ per micro-step
+    def clip_(self, loss: Any = None) -> ClipReport | None:
+        """Call after ``accelerator.backward(loss)``, before ``optimizer.step()``, at every micro-step.
+
+        ``loss`` is the micro-batch loss as the loop computed it (before accelerate divides it by the
+        accumulation steps); the step loss is their mean. Returns the step's report when gradients are synced
+        (an optimizer step follows), else ``None``."""
+        if loss is not None:
+            loss = loss.detach().float()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_count += 1
+        if not self.accelerator.sync_gradients:
+            return None
+        step_loss = self._take_loss()
+        if step_loss is None and self.needs_loss:
+            raise ValueError("AcceleratorClipper.clip_(loss): spike_detection watches the loss, so pass the "
+                             "micro-batch loss at every call (clipper.clip_(loss)).")
+        self._unscale()
+        self.run.loss.add(step_loss)
+        report = self.run.step(self.model, self.state, self.optimizer)
+        self.state.global_step += 1
+        return report
+
+    def _take_loss(self) -> Any:
+        if self._loss_sum is None:
+            return None
+        loss = self._loss_sum / self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        return loss
+
+    def _unscale(self) -> None:
+        """fp16: unscale through accelerate once per step (a second ``unscale_`` in a step raises)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return
+        from torch.amp.grad_scaler import OptState
+
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if scaler._per_optimizer_states[id(inner)]["stage"] is OptState.READY:
+            self.accelerator.unscale_gradients(self.optimizer)
+
+    # ------------------------------------------------------------------ logging and the end
+    def metrics(self) -> dict[str, float]:
+        """The metrics since the last call (``grad_norm``, ``gradclip/*``) as floats, in one transfer; ``{}``
+        when no optimizer step happened since. Call it at logging steps: ``accelerator.log(clipper.metrics(),
+        step=step)``."""
+        return self.run.metrics(self.state)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps clipped so far."""
+        return self.state.global_step
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the pack asks the loop to stop (``spike_action="stop"``, too many non-finite steps), else None."""
+        return self.run.stop_reason
+
+    @property
+    def should_stop(self) -> bool:
+        return self.run.stop_reason is not None
+
+    @property
+    def spike_events(self) -> list[Any]:
+        """Every spike read back so far (at :meth:`metrics` calls and :meth:`close`)."""
+        return self.run.spike_events
+
+    def close(self) -> None:
+        """Remove the optimizer hooks and read the last window's counts; idempotent."""
+        if self.run.open:
+            self.run.open = False
+            self.run.close()
+
+    def __enter__(self) -> "AcceleratorClipper":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
