@@ -42,8 +42,8 @@ $(STAMP_AXOLOTL): setup.py setup.cfg
 install: $(STAMP)
 
 # the whole suite on the newest transformers, then the Trainer integration and logging tests on 4.57, then the
-# built package (sdist + wheel, twine check, the wheel used from a fresh virtualenv)
-test: test-main test-tf4 test-package
+# built package (sdist + wheel, twine check, the wheel used from a fresh virtualenv), then the Axolotl lane
+test: test-main test-tf4 test-package test-axolotl
 
 test-main: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
