@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gradclip_hf.examples import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
+from gradclip_hf.experiments.bytelm import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 BLOCK = 64

@@ -7,7 +7,7 @@ import functools
 import torch
 from transformers import TrainerCallback
 
-from gradclip_hf.examples import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
+from gradclip_hf.experiments.bytelm import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
 from gradclip_hf.integrations.transformers import GradClipTrainer, GradClipTrainingArguments
 
 BATCH = 4
