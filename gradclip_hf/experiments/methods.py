@@ -53,6 +53,7 @@ def _pack(name: str, label: str, **config: Any) -> Method:
 _Z = dict(strategy="zscore", threshold=1.0)
 _N = dict(strategy="norm", threshold=1.0)
 _SKIP = dict(spike_detection="loss", spike_action="skip")
+_BOTH = dict(spike_detection="both", spike_action="skip")
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("none", "trainer", "no clipping (max_grad_norm=0)", max_grad_norm=0.0),
@@ -60,22 +61,27 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("zclip", "zclip", "zclip 1.0.0 (defaults)"),
     Method("olmo", "olmo", "OLMo-core rule (skip > 6 sigma of 128 steps, clip 1.0)"),
     Method("recommended", "pack", "gradclip-hf ClipConfig.recommended()"),
-    # the candidates of the exploration (explicit, whatever recommended() becomes)
-    _pack("zscore", "pack zscore cap 1.0 (no spike detection)", **_Z),
-    _pack("z_skip", "zscore + loss skip, factor 0.5, relax 20 (recommended before)", **_Z, **_SKIP),
-    _pack("z_skip_f1", "zscore + loss skip, no tightening", **_Z, **_SKIP, spike_factor=1.0),
-    _pack("z_skip_hl5", "zscore + loss skip, factor 0.5, relax 5", **_Z, **_SKIP, spike_relax_half_life=5.0),
-    _pack("z_skip_both", "zscore + loss/norm skip, factor 0.5", **_Z, spike_detection="both", spike_action="skip"),
-    _pack("n_skip", "norm 1.0 + loss skip, factor 0.5", **_N, **_SKIP),
-    _pack("n_skip_f1", "norm 1.0 + loss skip, no tightening", **_N, **_SKIP, spike_factor=1.0),
-    _pack("n_skip_hl5", "norm 1.0 + loss skip, factor 0.5, relax 5", **_N, **_SKIP, spike_relax_half_life=5.0),
-    _pack("n_skip_both_f1", "norm 1.0 + loss/norm skip, no tightening", **_N, spike_detection="both",
-          spike_action="skip", spike_factor=1.0),
-    _pack("n_skip_f1_z4", "norm 1.0 + loss skip z 4, no tightening", **_N, **_SKIP, spike_factor=1.0, spike_z=4.0),
-    _pack("n_skip_f1_z8", "norm 1.0 + loss skip z 8, no tightening", **_N, **_SKIP, spike_factor=1.0, spike_z=8.0),
-    _pack("n_skip_f1_w50", "norm 1.0 + loss skip, warmup 50, no tightening", **_N, **_SKIP, spike_factor=1.0,
+    # the candidates of the exploration (explicit, whatever recommended() becomes): z = zscore capped at 1.0,
+    # n = norm at 1.0; skip on a loss spike ("both": loss or gradient-norm spike); f = spike_factor (threshold
+    # multiplier after a spike, 1 = no tightening), hl = spike_relax_half_life, z4/z8 = spike_z, w = warmup
+    _pack("zscore", "zscore cap 1.0 (no spike detection)", **_Z),
+    _pack("z_skip", "zscore + loss skip, f 0.5, hl 20 (recommended() before)", **_Z, **_SKIP),
+    _pack("z_skip_f1", "zscore + loss skip, f 1", **_Z, **_SKIP, spike_factor=1.0),
+    _pack("z_skip_hl5", "zscore + loss skip, f 0.5, hl 5", **_Z, **_SKIP, spike_relax_half_life=5.0),
+    _pack("z_skip_both", "zscore + loss/norm skip, f 0.5", **_Z, **_BOTH),
+    _pack("z_skip_both_f1", "zscore + loss/norm skip, f 1", **_Z, **_BOTH, spike_factor=1.0),
+    _pack("n_skip", "norm + loss skip, f 0.5", **_N, **_SKIP),
+    _pack("n_skip_f1", "norm + loss skip, f 1", **_N, **_SKIP, spike_factor=1.0),
+    _pack("n_skip_hl5", "norm + loss skip, f 0.5, hl 5", **_N, **_SKIP, spike_relax_half_life=5.0),
+    _pack("n_tighten", "norm + loss tighten (no skip), f 0.5", **_N, spike_detection="loss", spike_action="tighten"),
+    _pack("n_skip_both", "norm + loss/norm skip, f 0.5", **_N, **_BOTH),
+    _pack("n_skip_both_f08", "norm + loss/norm skip, f 0.8", **_N, **_BOTH, spike_factor=0.8),
+    _pack("n_skip_both_hl5", "norm + loss/norm skip, f 0.5, hl 5", **_N, **_BOTH, spike_relax_half_life=5.0),
+    _pack("n_skip_both_f1", "norm + loss/norm skip, f 1", **_N, **_BOTH, spike_factor=1.0),
+    _pack("n_skip_both_f1_z4", "norm + loss/norm skip, f 1, z 4", **_N, **_BOTH, spike_factor=1.0, spike_z=4.0),
+    _pack("n_skip_both_f1_z8", "norm + loss/norm skip, f 1, z 8", **_N, **_BOTH, spike_factor=1.0, spike_z=8.0),
+    _pack("n_skip_both_f1_w50", "norm + loss/norm skip, f 1, warmup 50", **_N, **_BOTH, spike_factor=1.0,
           spike_warmup_steps=50),
-    _pack("n_tighten", "norm 1.0 + loss tighten (no skip)", **_N, spike_detection="loss", spike_action="tighten"),
 ]}
 
 

@@ -88,13 +88,14 @@ def _get_or_train(store: RunStore, m: Method, sc: Scenario, seed: int, faulted: 
 
 def run_grid(methods: Iterable[str | Method], scenarios: Iterable[str | Scenario], seeds: Iterable[int],
              settings: Settings = Settings(), store: RunStore | None = None,
-             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+             log: Callable[[str], None] = print, code: str | None = None) -> list[dict[str, Any]]:
     """Every (seed, method, scenario): ``{"method", "scenario", "seed", "faulted", "clean"}`` (run records;
-    for a scenario without a fault both are the clean run). Seed by seed, so a partial sweep is usable."""
+    for a scenario without a fault both are the clean run). Seed by seed, so a partial sweep is usable.
+    ``code``: the source hash of the runs to use (default: this source's, :func:`code_hash`)."""
     store = store if store is not None else RunStore()
     ms = [get_method(m) if isinstance(m, str) else m for m in methods]
     scs = [get_scenario(s) if isinstance(s, str) else s for s in scenarios]
-    code = code_hash()
+    code = code or code_hash()
     out = []
     for seed in seeds:
         for m in ms:
