@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -19,39 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from gradclip_hf.experiments.machine import load_now, machine_info  # noqa: E402,F401  (one definition)
+
 RESULTS = os.path.join(HERE, "results")
-
-
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (float("nan"),) * 3
-    info: dict[str, Any] = {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
-                            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                            "load_avg": [round(x, 2) for x in load]}
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def load_now() -> float:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return float("nan")
 
 
 def trainer_args(output_dir: str, cls=None, **overrides: Any):

@@ -1,11 +1,11 @@
 """A byte-level tokenizer built locally with ``tokenizers`` (nothing downloaded), for tests that need one:
-the Axolotl runs and TRL's ``SFTTrainer``. Token ids are the byte values, as in ``gradclip_hf.examples``."""
+the Axolotl runs and TRL's ``SFTTrainer``. Token ids are the byte values, as in ``gradclip_hf.experiments.bytelm``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gradclip_hf.examples import BOS_ID, EOS_ID, PAD_ID
+from gradclip_hf.experiments.bytelm import BOS_ID, EOS_ID, PAD_ID
 
 
 def _byte_symbols() -> dict[int, str]:
@@ -20,7 +20,7 @@ def _byte_symbols() -> dict[int, str]:
 
 def byte_tokenizer():
     """BPE without merges over the 256 byte symbols (token id == byte value) plus <pad>/<s>/</s> with the ids
-    of ``gradclip_hf.examples``: a ``PreTrainedTokenizerFast``."""
+    of ``gradclip_hf.experiments.bytelm``: a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

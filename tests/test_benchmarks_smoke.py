@@ -72,15 +72,35 @@ def test_gpu_syncs(bench, tmp_path, capsys):
     assert "torch clip_grad_norm_ (reference)" in saved["runner"]
 
 
+TINY = ["--steps", "20", "--hidden", "32", "--block", "32", "--batch", "4", "--eval-blocks", "8", "--train-bytes",
+        "20000", "--eval-bytes", "4000", "--base-steps", "6", "--warmup", "2", "--plot-seed", "0"]
+
+
 def test_stability(bench, tmp_path):
     out = tmp_path / "stab"
-    bench("stability").main(["--seeds", "1", "--steps", "12", "--methods", "none,zclip,recommended",
-                             "--hidden", "32", "--injections", "1", "--window", "3", "--lr_warmup", "2",
-                             "--eval_blocks", "8", "--train_bytes", "20000", "--eval_bytes", "4000", "--out", str(out)])
-    saved = read_json(out / "stability.json")
-    assert len(saved["table"]) == 3 and len(saved["runs"]) == 3
-    assert all(len(r["loss"]) == 12 and math.isfinite(r["eval_loss"]) for r in saved["runs"])
-    assert saved["injections"] == [3]
-    md = (out / "stability.md").read_text()
-    assert md.count("\n| ") >= 4 and "none" in md and "recommended" in md
-    assert (out / "stability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = bench("stability").main(["--scenario", "garbage_batches", "--seeds", "2", "--methods", "none", "stock",
+                                      "olmo", "recommended", "--cache", "none", "--out", str(out), *TINY])
+    saved = read_json(out / "stability_garbage_batches.json")
+    assert saved["scenarios"]["garbage_batches"]["fault_steps"] == [8, 11, 13, 16]
+    assert len(saved["runs"]) == 8 and all(math.isfinite(r["faulted"]["eval_loss"]) for r in saved["runs"])
+    rows = saved["table"]["garbage_batches"]
+    assert set(rows) == {"none", "stock", "olmo", "recommended"} == set(result["table"]["garbage_batches"])
+    assert rows["stock"]["ratio"]["mean"] == pytest.approx(1.0) and rows["stock"]["fp_cost"]["mean"] == 0.0
+    for m in ("none", "olmo", "recommended"):
+        assert rows[m]["damage"]["n"] == 2 and math.isfinite(rows[m]["vs_stock"]["mean"])
+    md = (out / "stability_garbage_batches.md").read_text()
+    assert "| garbage_batches |" in md and "## Targets for `recommended`" in md
+    assert (out / "stability_garbage_batches.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stability_cache_resumes_and_other_tasks_run(bench, tmp_path):
+    cache = tmp_path / "runs.jsonl"
+    args = ["--scenario", "lora_garbage,sft_clean", "--seeds", "1", "--methods", "stock", "pack:strategy=norm,"
+            "spike_detection=loss,spike_action=skip", "--cache", str(cache), "--out", str(tmp_path), *TINY]
+    first = bench("stability").main(args)
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 2 * 2 + 2 * 1  # per method: lora faulted + clean, sft clean
+    second = bench("stability").main(args)  # everything from the cache: same numbers, nothing trained
+    assert cache.read_text().splitlines() == lines
+    assert json.dumps(second["table"], sort_keys=True) == json.dumps(first["table"], sort_keys=True)
+    assert "fp_cost" in second["table"]["sft_clean"]["stock"] and "damage" not in second["table"]["sft_clean"]["stock"]

@@ -20,7 +20,7 @@ SMOKE = r"""
 import tempfile, torch, transformers
 import gradclip_hf
 from gradclip_hf import ClipConfig, GradClipTrainer
-from gradclip_hf.examples import ByteLMDataset, stdlib_text, tiny_llama
+from gradclip_hf.experiments.bytelm import ByteLMDataset, stdlib_text, tiny_llama
 assert "GradClipTrainer" in dir(gradclip_hf) and gradclip_hf.__file__.find("site-packages") > 0, gradclip_hf.__file__
 args = transformers.TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=2,
                                       report_to="none", use_cpu=True, logging_steps=1, disable_tqdm=True)

@@ -1,4 +1,5 @@
-"""Real data and tiny models for tests, the demo, benchmarks and notebooks (nothing is downloaded).
+"""Byte-level data and tiny Llama models for tests, the demo, benchmarks and notebooks (nothing is
+downloaded).
 
 ``stdlib_text`` reads the Python standard library's own ``.py`` files (sorted, deterministic);
 ``ByteLMDataset`` turns text into byte-level causal-LM blocks; ``tiny_llama`` builds a small
@@ -21,15 +22,25 @@ PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 VOCAB_SIZE = 259  # 256 bytes + pad, bos, eos
 
 
-def stdlib_text(max_bytes: int = 200_000) -> str:
-    """Up to ``max_bytes`` of real Python source from the standard library, in sorted file order."""
+def _py_files(root: str, recursive: bool) -> list[str]:
+    if not recursive:
+        return [os.path.join(root, n) for n in sorted(os.listdir(root))
+                if n.endswith(".py") and os.path.isfile(os.path.join(root, n))]
+    paths = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        paths += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py")]
+    return paths
+
+
+def stdlib_text(max_bytes: int = 200_000, package: str | None = None) -> str:
+    """Up to ``max_bytes`` of real Python source from the standard library, in sorted file order: its
+    top-level modules, or (``package="email"``) every module of that package."""
     root = sysconfig.get_paths()["stdlib"]
+    folder = root if package is None else os.path.join(root, package)
     chunks: list[str] = []
     size = 0
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if not name.endswith(".py") or not os.path.isfile(path):
-            continue
+    for path in _py_files(folder, recursive=package is not None) if os.path.isdir(folder) else []:
         with open(path, "rb") as f:
             data = f.read().decode("utf-8", errors="replace")
         chunks.append(data)
@@ -38,7 +49,7 @@ def stdlib_text(max_bytes: int = 200_000) -> str:
             break
     text = "".join(chunks)
     if not text:
-        raise RuntimeError(f"No .py files found in the standard library directory {root!r}.")
+        raise RuntimeError(f"No .py files found in the standard library directory {folder!r}.")
     return text[:max_bytes]
 
 
