@@ -195,6 +195,8 @@ class ClipConfig:
     spike_action: str = option("tighten", "On a spike, besides tightening: 'tighten' only, 'skip' the update, "
                                "'rollback' to the last in-memory snapshot, or 'stop' training.",
                                _choice(SpikeAction), SpikeAction)
+    spike_adapt_after: int = option(10, "Consecutive spikes after which the detectors take the new level in (a lasting "
+                                    "shift of the loss is followed instead of flagged for ever).", _int(1))
     spike_factor: float = option(0.5, "Threshold multiplier on each spike, in (0, 1]; 1 never tightens.", _unit())
     spike_relax_half_life: float = option(20.0, "Calm steps for the threshold factor's distance to 1 to halve.",
                                           _pos)
@@ -310,6 +312,7 @@ class ClipConfig:
             detect_norm=self.spike_detection in (SpikeDetection.NORM.value, both),
             z=self.spike_z, norm_z=self.spike_norm_z, ratio=self.spike_ratio, warmup_steps=self.spike_warmup_steps,
             method=self.spike_method, window=max(100, self.spike_warmup_steps), action=self.spike_action,
+            adapt_after=self.spike_adapt_after,
             spike_factor=self.spike_factor, relax_half_life=self.spike_relax_half_life,
             min_factor=self.spike_min_factor)
 

@@ -274,6 +274,7 @@ class SpikeController(DeviceState):
         relax_half_life: steps for the factor's distance to 1 to halve while calm, ``> 0``.
         min_factor: floor of the factor, in ``(0, 1]``.
         max_events: spike events kept on the device between two reads.
+        adapt_after: consecutive spikes after which the detectors take values in again (:class:`SpikeDetector`).
         reduce: all-reduce the loss across ranks when ``torch.distributed`` is initialized.
     """
 
@@ -281,7 +282,7 @@ class SpikeController(DeviceState):
                  norm_z: float | None = None, ratio: float | None = None, warmup_steps: int = 20,
                  method: str = "ema", alpha: float = 0.9, window: int = 100, action: str = "tighten",
                  spike_factor: float = 0.5, relax_half_life: float = 20.0, min_factor: float = 0.05,
-                 max_events: int = 256, reduce: bool = True):
+                 max_events: int = 256, reduce: bool = True, adapt_after: int = 10):
         if not (detect_loss or detect_norm):
             raise ValueError("SpikeController needs `detect_loss` or `detect_norm` (both are False).")
         self.action = check_choice("action", action, SpikeAction)
@@ -290,7 +291,8 @@ class SpikeController(DeviceState):
         self.min_factor = check_number("min_factor", min_factor, low=0.0, high=1.0, low_inclusive=False)
         self.max_events = check_int("max_events", max_events, low=1, high=MAX_WINDOW)
         self.reduce = bool(reduce)
-        common = {"ratio": ratio, "warmup_steps": warmup_steps, "method": method, "alpha": alpha, "window": window}
+        common = {"ratio": ratio, "warmup_steps": warmup_steps, "method": method, "alpha": alpha, "window": window,
+                  "adapt_after": adapt_after}
         self.loss_detector = SpikeDetector(z=z, **common) if detect_loss else None
         self.norm_detector = SpikeDetector(z=z if norm_z is None else norm_z, **common) if detect_norm else None
         self.events = EventLog(_EVENT_FIELDS, self.max_events)
