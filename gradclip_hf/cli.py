@@ -1,11 +1,10 @@
-"""``gradclip-hf`` / ``python -m gradclip_hf``.
+"""The gradclip-hf command line (also python -m gradclip_hf).
 
-``demo``: no clipping vs the stock ``max_grad_norm=1.0`` vs this pack's recommended configuration, on a
-tiny Llama trained on the Python standard library's text with injected rare-byte batches (loss spikes).
-Writes ``demo_output/report.md``, charts, TensorBoard logs and offline W&B runs. See :mod:`gradclip_hf.demo`.
-
-``report``: what a Trainer run's gradient norms, clip rate and spikes were, and a clip threshold
-suggestion, from its ``trainer_state.json`` (stock Trainer runs too). See :mod:`gradclip_hf.report`.
+  demo    what a fault costs with no clipping, the stock max_grad_norm=1.0 and this pack's recommended
+          configuration: a tiny Llama trained on the Python standard library's text, each method with and
+          without the fault. Writes demo_output/report.md, charts, TensorBoard logs and offline W&B runs.
+  report  what a Trainer run's gradient norms, clip rate and spikes were, and a clip threshold suggestion,
+          from its trainer_state.json and gradclip_spikes.jsonl (stock Trainer runs too).
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"gradclip-hf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser("demo", help="no clipping vs stock max_grad_norm=1 vs the pack, on injected loss spikes "
-                          "(tiny Llama on Python stdlib text; about 2 minutes on 2 CPU cores)",
+    demo = sub.add_parser("demo", help="what a fault costs with no clipping, stock max_grad_norm=1 and the pack "
+                          "(tiny Llama on Python stdlib text; about 1-2 minutes on 2 CPU cores)",
                           description=__import__("gradclip_hf.demo", fromlist=["x"]).__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(demo)
