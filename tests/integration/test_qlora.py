@@ -20,7 +20,7 @@ from gradclip_hf.config import ClipConfig  # noqa: E402
 from gradclip_hf.experiments.bytelm import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama  # noqa: E402
 from gradclip_hf.integrations.transformers import GradClipTrainer  # noqa: E402
 
-from conftest import make_args, train_logs  # noqa: E402
+from helpers import make_args, train_logs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HIDDEN, STEPS, SPIKE = 512, 14, 10  # SPIKE: 0-based optimizer step of the rare-byte batch (global_step 11)
