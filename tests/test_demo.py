@@ -81,8 +81,9 @@ def test_warmup_note_only_when_the_first_fault_is_too_early():
     config, sc = ClipConfig.recommended(), GALLERY["garbage_batches"]
     assert demo.warmup_note(config, sc, 300) is None
     note = demo.warmup_note(config, sc, 80)
-    assert "step 32" in note and "--steps 113" in note
-    assert demo.warmup_note(ClipConfig(strategy="norm"), sc, 80) is None  # no detector, nothing to warn about
+    assert "step 32" in note and "--steps 100" in note  # the first fault at 0.4 x steps: (20 + 20) / 0.4
+    zscore = demo.warmup_note(ClipConfig.recommended(strategy="zscore"), sc, 80)
+    assert "--steps 113" in zscore  # ZClip's 25-step warmup: (25 + 20) / 0.4    assert demo.warmup_note(ClipConfig(strategy="norm"), sc, 80) is None  # no detector, nothing to warn about
 
 
 def test_cuda_asked_without_cuda_is_a_clear_error(capsys):
