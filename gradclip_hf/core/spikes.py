@@ -229,11 +229,9 @@ class SpikeEvent:
         else:
             loss = "" if self.loss is None else f" (loss {self.loss:.4g})"
             what = f"gradient norm {self.norm:.4g} is {self.norm_z:.1f} sigma above its mean {self.norm_baseline:.4g}{loss}"
-        if base_threshold is None:
-            change = f"clip factor {self.factor_before:.3g} -> {self.factor_after:.3g}"
-        else:
-            change = (f"clip threshold {base_threshold * self.factor_before:.4g} -> "
-                      f"{base_threshold * self.factor_after:.4g}")
+        what_moves, scale = ("clip factor", 1.0) if base_threshold is None else ("clip threshold", base_threshold)
+        before, after = scale * self.factor_before, scale * self.factor_after
+        change = f"{what_moves} {before:.4g}" + (" (unchanged)" if before == after else f" -> {after:.4g}")
         return f"step {self.step}: {what}; {change}; {ACTION_WORDS[action]}"
 
 

@@ -177,6 +177,11 @@ def test_events_and_message():
     assert message.endswith("clip threshold 0.517 -> 0.2585; update skipped")
     assert events[0].norm_z is None and events[0].norm_baseline is None  # not measured: no norm detector
     assert controller.read_events(total) == ([], total)
+    calm = SpikeController(warmup_steps=5, detect_norm=False, spike_factor=1.0)  # skip without tightening
+    run_controller(calm, [2.0, 2.1, 1.9, 2.0, 2.05, 2.0, 9.0])
+    (event,), _ = calm.read_events(0)
+    assert event.describe(base_threshold=1.0, action="skip").endswith("clip threshold 1 (unchanged); update skipped")
+    assert event.describe(action="skip").endswith("clip factor 1 (unchanged); update skipped")
 
 
 def test_default_path_makes_no_host_sync():
