@@ -23,12 +23,12 @@ torch.set_num_threads(1)
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from gradclip_hf.experiments.bytelm import ByteLMDataset, rare_byte_block, stdlib_text, tiny_llama  # noqa: E402
+from gradclip_hf.experiments.bytelm import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
 from gradclip_hf.integrations.transformers import (GradClipCallback, GradClipTrainer,  # noqa: E402
                                                    GradClipTrainingArguments)
 
 OUT, STAGE, RUNS = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-LR, STEPS, BATCH, SPIKE_STEP = 0.1, 8, 4, 6
+LR, STEPS, BATCH, SPIKE_STEP = 0.1, 8, 4, 6  # plain SGD: post-clip norm = |weight change| / LR
 METRICS = ("loss", "grad_norm", "gradclip/norm_post", "gradclip/threshold", "gradclip/clip_rate", "gradclip/coef",
            "gradclip/spikes", "gradclip/spike_factor", "gradclip/nonfinite_steps", "gradclip/skipped_steps")
 
@@ -42,22 +42,6 @@ def ds_config(stage: int, **zero) -> dict:
     return {"zero_optimization": {"stage": stage, **zero}, "gradient_clipping": "auto",
             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "zero_allow_untested_optimizer": True, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
-
-
-class Garbage(torch.utils.data.Dataset):
-    """Sequential blocks of standard-library bytes; the samples of optimizer step ``spike`` are rare bytes."""
-
-    def __init__(self, blocks, spike: int | None):
-        self.blocks, self.bad = blocks, set(range(spike * BATCH, (spike + 1) * BATCH)) if spike is not None else set()
-
-    def __len__(self):
-        return len(self.blocks)
-
-    def __getitem__(self, i):
-        if i not in self.bad:
-            return self.blocks[i]
-        ids = rare_byte_block(64, torch.Generator().manual_seed(i))
-        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
 class Probe(TrainerCallback):
@@ -92,7 +76,16 @@ class Probe(TrainerCallback):
         self.rows.append(row)
 
 
-def build(name: str, options: dict, *, bare: bool = False, spike: int | None = None, nan_step: int | None = None,
+class RaiseAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
+def build(name: str, options: dict, *, bare: bool = False, loss_at: dict | None = None,
           ds_zero: dict | None = None, resume: str | None = None, steps: int = STEPS, save_steps: int | None = None,
           max_grad_norm: float = 1.0):
     args = dict(output_dir=os.path.join(OUT, f"s{STAGE}_{name}"), max_steps=steps, per_device_train_batch_size=BATCH,
@@ -102,33 +95,36 @@ def build(name: str, options: dict, *, bare: bool = False, spike: int | None = N
                 save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                 clip_log_layers_top_k=0 if bare else 8)
     blocks = ByteLMDataset(stdlib_text(40_000), block_size=64)
-    data = Garbage(blocks, spike)
     model = tiny_llama(seed=0)
-    if nan_step is not None:
+    if loss_at:  # {optimizer step: loss multiplier} (1 micro-batch per step): a loss spike, or NaN
         counter = {"calls": 0}
 
-        def hook(module, inputs, output):  # the loss of optimizer step nan_step (1 micro-batch per step)
-            counter["calls"] += 1
-            if counter["calls"] == nan_step + 1:
-                output.loss = output.loss * float("nan")
+        def hook(module, inputs, output):
+            if module.training:
+                factor = loss_at.get(counter["calls"])
+                counter["calls"] += 1
+                if factor is not None:
+                    output.loss = output.loss * factor
             return output
         model.register_forward_hook(hook)
     if bare:
         callback = GradClipCallback(**options)
-        trainer = Trainer(model=model, args=GradClipTrainingArguments(**args), train_dataset=data,
+        trainer = Trainer(model=model, args=GradClipTrainingArguments(**args), train_dataset=blocks,
                           callbacks=[callback])
         source = callback
     else:
         clip = {f"clip_{k}": v for k, v in options.items()}
-        trainer = GradClipTrainer(model=model, args=GradClipTrainingArguments(**args, **clip), train_dataset=data)
+        trainer = GradClipTrainer(model=model, args=GradClipTrainingArguments(**args, **clip), train_dataset=blocks)
         source = trainer
     probe = Probe(trainer, source)
     trainer.add_callback(probe)
     return trainer, probe, resume
 
 
-def run(name: str, options: dict, **kwargs) -> dict:
+def run(name: str, options: dict, crash_at: int | None = None, **kwargs) -> dict:
     trainer, probe, resume = build(name, options, **kwargs)
+    if crash_at is not None:
+        trainer.add_callback(RaiseAt(crash_at))
     out: dict = {"name": name}
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -150,25 +146,30 @@ def run(name: str, options: dict, **kwargs) -> dict:
 
 
 SPIKES = dict(spike_detection="loss", spike_warmup_steps=3, spike_z=4.0)
+ZSCORE = dict(strategy="zscore", threshold=5.0, zscore_warmup_steps=3, zscore_z=0.5)
+SPIKY = {SPIKE_STEP: 30.0}  # the loss (and gradients) of one step x30
 RUN_TABLE = {
     "schedule": lambda: run("schedule", dict(threshold=1.0, schedule="linear", threshold_final=0.1, schedule_steps=6)),
     "measure": lambda: run("measure", dict(strategy="none")),
-    "spike": lambda: run("spike", dict(threshold=0.5, **SPIKES), spike=SPIKE_STEP),
-    "spike_bare": lambda: run("spike_bare", dict(threshold=0.5, **SPIKES), spike=SPIKE_STEP, bare=True),
-    "zscore": lambda: run("zscore", dict(strategy="zscore", threshold=1.0, zscore_warmup_steps=3, zscore_z=0.5)),
+    "spike": lambda: run("spike", dict(threshold=0.5, **SPIKES), loss_at=SPIKY),
+    "spike_bare": lambda: run("spike_bare", dict(threshold=0.5, **SPIKES), loss_at=SPIKY, bare=True),
+    "stop": lambda: run("stop", dict(threshold=0.5, spike_action="stop", **SPIKES), loss_at=SPIKY),
+    "zscore": lambda: run("zscore", ZSCORE, loss_at=SPIKY),
     "quantile": lambda: run("quantile", dict(strategy="quantile", quantile=0.5)),
-    "nonfinite": lambda: run("nonfinite", dict(threshold=1.0), nan_step=3, steps=5),
+    "nonfinite": lambda: run("nonfinite", dict(threshold=1.0), loss_at={3: float("nan")}, steps=5),
     "zero_clip": lambda: run("zero_clip", dict(threshold=0.3), steps=3, max_grad_norm=0.0),
+    "crash": lambda: run("crash", dict(threshold=0.3), crash_at=2),
     "refuse_skip": lambda: run("refuse_skip", dict(spike_detection="loss", spike_action="skip")),
-    "refuse_nograd": lambda: run("refuse_nograd", dict(threshold=0.3), ds_zero={"compute_grad_norm": False}),
+    "refuse_nograd": lambda: run("refuse_nograd", dict(threshold=0.3), ds_zero={"compute_grad_norm": False},
+                                 max_grad_norm=0.0),
 }
 
 
 def resume_runs() -> dict:
-    options = dict(strategy="zscore", threshold=1.0, zscore_warmup_steps=3, zscore_z=0.5, **SPIKES)
-    full = run("resume_full", options, spike=SPIKE_STEP, save_steps=4)
+    options = dict(ZSCORE, **SPIKES)
+    full = run("resume_full", options, loss_at=SPIKY, save_steps=4)
     ckpt = os.path.join(OUT, f"s{STAGE}_resume_full", "checkpoint-4")
-    resumed = run("resume_from4", options, spike=SPIKE_STEP, resume=ckpt)
+    resumed = run("resume_from4", options, loss_at={SPIKE_STEP - 4: SPIKY[SPIKE_STEP]}, resume=ckpt)
     saved = {}
     for root, _, files in os.walk(ckpt):
         for f in files:
