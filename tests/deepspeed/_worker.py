@@ -87,19 +87,19 @@ class RaiseAt(TrainerCallback):
 
 def build(name: str, options: dict, *, bare: bool = False, loss_at: dict | None = None,
           ds_zero: dict | None = None, resume: str | None = None, steps: int = STEPS, save_steps: int | None = None,
-          max_grad_norm: float = 1.0):
+          max_grad_norm: float = 1.0, accum: int = 1):
     args = dict(output_dir=os.path.join(OUT, f"s{STAGE}_{name}"), max_steps=steps, per_device_train_batch_size=BATCH,
                 learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
                 report_to="none", disable_tqdm=True, seed=0, data_seed=0, train_sampling_strategy="sequential",
                 dataloader_num_workers=0, max_grad_norm=max_grad_norm, deepspeed=ds_config(STAGE, **(ds_zero or {})),
                 save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-                clip_log_layers_top_k=0 if bare else 8)
+                gradient_accumulation_steps=accum, clip_log_layers_top_k=0 if bare else 8)
     blocks = ByteLMDataset(stdlib_text(40_000), block_size=64)
     model = tiny_llama(seed=0)
     if loss_at:  # {optimizer step: loss multiplier} (1 micro-batch per step): a loss spike, or NaN
         counter = {"calls": 0}
 
-        def hook(module, inputs, output):
+        def hook(module, inputs, output):  # counts forward calls: micro-batches
             if module.training:
                 factor = loss_at.get(counter["calls"])
                 counter["calls"] += 1
@@ -153,6 +153,7 @@ RUN_TABLE = {
     "measure": lambda: run("measure", dict(strategy="none")),
     "spike": lambda: run("spike", dict(threshold=0.5, **SPIKES), loss_at=SPIKY),
     "spike_bare": lambda: run("spike_bare", dict(threshold=0.5, **SPIKES), loss_at=SPIKY, bare=True),
+    "accum": lambda: run("accum", dict(threshold=0.5, **SPIKES), accum=2, loss_at={2 * SPIKE_STEP + 1: 30.0}),
     "stop": lambda: run("stop", dict(threshold=0.5, spike_action="stop", **SPIKES), loss_at=SPIKY),
     "zscore": lambda: run("zscore", ZSCORE, loss_at=SPIKY),
     "quantile": lambda: run("quantile", dict(strategy="quantile", quantile=0.5)),

@@ -23,7 +23,7 @@ if _SPEC is None or _SPEC.origin is None:  # None: only this test folder, a name
 from conftest import launch  # noqa: E402
 
 SPIKE_STEP, STEPS = 6, 8  # as in _worker.py
-ALL = ["schedule", "measure", "spike", "spike_bare", "stop", "zscore", "quantile", "nonfinite", "zero_clip", "crash",
+ALL = ["schedule", "measure", "spike", "spike_bare", "accum", "stop", "zscore", "quantile", "nonfinite", "zero_clip", "crash",
        "refuse_skip", "refuse_nograd", "resume"]
 REL = 2e-5  # fp32 weights: the measured norm to ~1e-6 relative
 
@@ -69,7 +69,7 @@ def test_metrics_come_from_the_engine(stage):
     assert r["layer_keys"] == []  # ZeRO frees the gradients inside its step: no per-layer norms
 
 
-@pytest.mark.parametrize("run", ["spike", "spike_bare"])
+@pytest.mark.parametrize("run", ["spike", "spike_bare", "accum"])
 def test_loss_spike_tightens_the_same_step(stage, run):
     rows = stage[run]["rows"]
     assert [row["spike"] for row in rows] == [t == SPIKE_STEP for t in range(STEPS)]
@@ -81,6 +81,12 @@ def test_loss_spike_tightens_the_same_step(stage, run):
     logs = stage[run]["logs"]
     assert [h["gradclip/spikes"] for h in logs] == [int(t == SPIKE_STEP) for t in range(STEPS)]
     assert close(logs[SPIKE_STEP]["gradclip/spike_factor"], 0.5, 1e-9)
+
+
+def test_gradient_accumulation_one_threshold_per_engine_step(stage):
+    r = stage["accum"]  # 2 micro-batches per step; the second one of step 6 has the x30 loss
+    assert len(r["rows"]) == STEPS and [h["step"] for h in r["logs"]] == list(range(1, STEPS + 1))
+    assert r["rows"][SPIKE_STEP]["engine_norm"] > 5 * r["rows"][SPIKE_STEP - 1]["engine_norm"]
 
 
 def test_stop_ends_training_after_the_spike_step(stage):
