@@ -71,8 +71,9 @@ class ClipSession:
 
     def _say_threshold(self, args: Any) -> None:
         max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
-        logger.info("gradclip: %s: %s; the Trainer's own clipping is off for this run.", self.owner,
-                    self.run.threshold_source)
+        where = ("DeepSpeed's engine clips at it (its clip_grad, set before each step)" if self.run.engine is not None
+                 else "the Trainer's own clipping is off for this run")
+        logger.info("gradclip: %s: %s; %s.", self.owner, self.run.threshold_source, where)
         explicit = self.config is not None and self.config.threshold is not None
         if explicit and max_grad_norm > 0 and self.config.threshold != max_grad_norm:
             _warn(f"gradclip: {self.owner} clips with {self.run.threshold_source}; "
