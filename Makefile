@@ -55,7 +55,7 @@ install: $(STAMP)
 
 # the whole suite on the newest transformers, then the Trainer integration and logging tests on 4.57, then the
 # built package (sdist + wheel, twine check, the wheel used from a fresh virtualenv), then the Axolotl lane, then
-# the DeepSpeed lane (about 1 minute to build .venv-deepspeed from cached wheels, 2.0 GB; 45 s of tests)
+# the DeepSpeed lane (about 2 minutes with its virtualenv built: docs/distributed.md)
 test: test-main test-tf4 test-package test-axolotl test-deepspeed
 
 test-main: $(STAMP)
