@@ -52,7 +52,7 @@ RUNNER_CONFIGS: dict[str, Any] = {
     "norm (nonfinite=skip, default)": dict(strategy="norm", threshold=1.0),
     "norm nonfinite=zero": dict(strategy="norm", threshold=1.0, nonfinite="zero"),
     "zscore + spike tighten": dict(strategy="zscore", threshold=1.0, spike_detection="loss"),
-    "recommended (zscore + spike skip)": "recommended",
+    "recommended (norm + loss-spike skip)": "recommended",
     "zscore + spike rollback": dict(strategy="zscore", threshold=1.0, spike_detection="loss",
                                     spike_action="rollback"),
     "zscore + spike stop": dict(strategy="zscore", threshold=1.0, spike_detection="loss", spike_action="stop"),
@@ -62,7 +62,7 @@ RUNNER_CONFIGS: dict[str, Any] = {
 def config_of(spec):
     from gradclip_hf import ClipConfig
 
-    return ClipConfig.recommended() if spec == "recommended" else ClipConfig(**spec)
+    return ClipConfig.recommended(threshold=1.0) if spec == "recommended" else ClipConfig(**spec)
 
 
 def small_model(device):

@@ -44,7 +44,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "zscore": dict(clip_strategy="zscore", clip_threshold=1.0),
     "quantile": dict(clip_strategy="quantile"),
     "zscore+spike_tighten": dict(clip_strategy="zscore", clip_threshold=1.0, clip_spike_detection="loss"),
-    "recommended": "recommended",  # ClipConfig.recommended(): zscore + spike skip
+    "recommended": "recommended",  # ClipConfig.recommended(): norm + loss-spike skip
     "zscore+spike_rollback": dict(clip_strategy="zscore", clip_threshold=1.0, clip_spike_detection="loss",
                                   clip_spike_action="rollback"),
 }

@@ -39,8 +39,8 @@ def test_demo_writes_report_charts_logs_and_measures_damage(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stdout = proc.stdout
-    fault_steps = GALLERY["garbage_batches"].fault_steps(120)
-    assert fault_steps == [48, 64, 80, 96] and "warning" not in proc.stderr
+    fault_steps = GALLERY["corrupt_shard"].fault_steps(120)  # the default fault: 30 batches from half-way
+    assert fault_steps == list(range(60, 90)) and "warning" not in proc.stderr
     for text in ("Summary", "eval loss without fault", "with fault", "damage", "worst excursion", "steps clipped",
                  "spikes flagged", "updates skipped", "no clipping", "stock max_grad_norm=1.0",
                  "gradclip-hf recommended", "of the stock run's damage", "report.md", "wandb sync "):
@@ -74,15 +74,16 @@ def test_no_wandb_prints_no_wandb_line_and_short_runs_warn(tmp_path):
     text = proc.stdout + proc.stderr
     assert "WANDB" not in text and "W&B" not in text and "wandb sync" not in text
     assert not (tmp_path / "o" / "wandb").exists()
-    assert "within the pack's 25-step detector warmup" in proc.stderr and "Use --steps 113 or more" in proc.stderr
+    assert "within the pack's 20-step detector warmup" in proc.stderr and "Use --steps 80 or more" in proc.stderr
 
 
 def test_warmup_note_only_when_the_first_fault_is_too_early():
     config, sc = ClipConfig.recommended(), GALLERY["garbage_batches"]
     assert demo.warmup_note(config, sc, 300) is None
     note = demo.warmup_note(config, sc, 80)
-    assert "step 32" in note and "--steps 113" in note
-    assert demo.warmup_note(ClipConfig(strategy="norm"), sc, 80) is None  # no detector, nothing to warn about
+    assert "step 32" in note and "--steps 100" in note  # the first fault at 0.4 x steps: (20 + 20) / 0.4
+    zscore = demo.warmup_note(ClipConfig.recommended(strategy="zscore"), sc, 80)
+    assert "--steps 113" in zscore  # ZClip's 25-step warmup: (25 + 20) / 0.4    assert demo.warmup_note(ClipConfig(strategy="norm"), sc, 80) is None  # no detector, nothing to warn about
 
 
 def test_cuda_asked_without_cuda_is_a_clear_error(capsys):

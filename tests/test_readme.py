@@ -32,3 +32,14 @@ def test_every_metric_key_is_in_the_readme():
 
 def test_the_two_commands_are_in_the_readme():
     assert re.search(r"^make demo\b", README, re.M) and re.search(r"^make test\b", README, re.M)
+
+
+def test_the_front_page_is_short_and_its_links_resolve():
+    assert len(README.splitlines()) <= 200, "the README is the front page: reference material goes to docs/"
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.name} -> {target}")
+    assert not broken, broken

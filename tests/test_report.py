@@ -449,7 +449,7 @@ def test_gradclip_trainer_run_and_its_checkpoint(tmp_path, capsys):
     assert r["norms"]["all"]["clip_rate"] == pytest.approx(np.mean([h["gradclip/clip_rate"] for h in logs]))
     assert r["spikes"]["logged"] == sum(h["gradclip/spikes"] for h in logs) >= 1  # the injected batch at step 31
     assert r["skipped"]["logged"] == sum(h["gradclip/skipped_steps"] for h in logs)
-    assert [w["last"] for w in r["spikes"]["windows"]] == [32] and r["run"]["strategy"] == "zscore"
+    assert [w["last"] for w in r["spikes"]["windows"]] == [32] and r["run"]["strategy"] == "norm"
     half = build_report(str(out / "checkpoint-20"))  # a checkpoint: its own state, up to step 20
     assert half["run"]["last_step"] == 20 and half["norms"]["all"]["n"] == 10
     assert main(["report", str(out / "checkpoint-20")]) == 0

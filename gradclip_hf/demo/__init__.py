@@ -1,8 +1,8 @@
 """gradclip-hf demo: what a fault costs with no clipping, with the stock max_grad_norm=1.0, and with this pack.
 
 A tiny byte-level Llama is trained with the Hugging Face Trainer on the Python standard library's own
-source text (nothing is downloaded). One fault of the benchmark gallery hits the run: by default four
-batches of random bytes 128-255, a "rare token" batch never seen in that ASCII text. Each method is
+source text (nothing is downloaded). One fault of the benchmark gallery hits the run: by default a
+corrupted shard, 30 consecutive batches of the same text written in the wrong encoding (UTF-16). Each method is
 trained twice from the same initialisation, on the same data and for the same steps: once with the
 fault and once without it (the bad batches replaced by the clean batches they displaced). The damage
 of the fault is the difference of the two final eval losses, so seed noise cancels out.
@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from ..config import Strategy, choices
     from ..experiments.tasks import Settings
 
-    parser.add_argument("--scenario", choices=DEMO_SCENARIOS, default="garbage_batches",
-                        help="the fault (benchmarks/README.md describes each; default garbage_batches)")
+    parser.add_argument("--scenario", choices=DEMO_SCENARIOS, default="corrupt_shard",
+                        help="the fault (benchmarks/README.md describes each; default corrupt_shard)")
     parser.add_argument("--steps", type=int, default=Settings.steps, help=f"optimizer steps per run (default {Settings.steps})")
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny",
                         help="tiny: hidden 64, 2 layers, 64-byte blocks (default); small: hidden 128, 4 layers, "

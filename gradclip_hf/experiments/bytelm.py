@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 __all__ = ["stdlib_text", "ByteLMDataset", "SpikyByteStream", "rare_byte_block", "tiny_llama_config", "tiny_llama", "VOCAB_SIZE", "PAD_ID", "BOS_ID",
-           "EOS_ID"]
+           "EOS_ID", "byte_tokenizer"]
 
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 VOCAB_SIZE = 259  # 256 bytes + pad, bos, eos
@@ -137,3 +137,29 @@ def tiny_llama(seed: int = 0, **config_kwargs: Any):
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**config_kwargs))
+
+
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte-to-unicode table: ByteLevel pre-tokenization maps byte b to this symbol."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = dict(zip(printable, map(chr, printable))), 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b], extra = chr(256 + extra), extra + 1
+    return symbols
+
+
+def byte_tokenizer():
+    """A ``PreTrainedTokenizerFast`` built locally (nothing downloaded) for the byte-level models here: BPE
+    without merges over the 256 byte symbols (token id == byte value) plus <pad>/<s>/</s> with the ids above."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: b for b, symbol in _byte_symbols().items()}
+    vocab.update({"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return fast

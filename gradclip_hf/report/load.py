@@ -208,7 +208,10 @@ def _strategy(state: dict) -> Optional[str]:
     callbacks = state.get("stateful_callbacks")
     for saved in (callbacks.values() if isinstance(callbacks, dict) else []):
         for item in (saved if isinstance(saved, list) else [saved]):
-            config = item.get("args", {}).get("config") if isinstance(item, dict) else None
+            if not isinstance(item, dict):
+                continue
+            run = item.get("run")
+            config = run.get("config") if isinstance(run, dict) else item.get("args", {}).get("config")
             if isinstance(config, dict) and isinstance(config.get("strategy"), str):
                 return config["strategy"]
     return None

@@ -185,3 +185,13 @@ def test_skip_step_adamw_clips_and_leaves_everything_untouched_on_a_skip():
     p.grad = torch.full((4,), 10.0)
     opt.step()  # step 1: skipped
     assert torch.equal(p.detach(), before) and all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+
+
+def test_byte_tokenizer_maps_bytes_to_their_values():
+    pytest.importorskip("tokenizers")
+    from gradclip_hf.experiments.bytelm import BOS_ID, byte_tokenizer
+
+    tok = byte_tokenizer()
+    text = "def f(x): return 'é'"
+    assert tok(text)["input_ids"] == [BOS_ID, *text.encode("utf-8")]
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text

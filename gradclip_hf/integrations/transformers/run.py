@@ -63,7 +63,7 @@ class ClipRun:
     def __init__(self, config: ClipConfig | None, clipper: GradClipper | None, *, args: Any, state: Any,
                  optimizer: Any, owner: str, decode: Any = None, engine: Any = None,
                  max_grad_norm: float | None = None):
-        self.config, self.owner = config or ClipConfig(), owner
+        self.config, self.given_config, self.owner = config or ClipConfig(), config, owner
         self.state, self.open = state, True  # the TrainerState of this run; open until train() leaves
         if max_grad_norm is None:
             max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
@@ -267,9 +267,13 @@ class ClipRun:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """JSON-safe: the clipper's statistics and the counters."""
-        return {"clipper": self.clipper.state_dict(), "skipped_steps": self.skipped_steps,
-                "rollbacks": self.actions.rollbacks, "events_seen": self.messages.seen}
+        """JSON-safe: the clipper's statistics and the counters, and the options of the run (for readers such as
+        ``gradclip-hf report``; never loaded back: the options of the resumed run win)."""
+        state = {"clipper": self.clipper.state_dict(), "skipped_steps": self.skipped_steps,
+                 "rollbacks": self.actions.rollbacks, "events_seen": self.messages.seen}
+        if self.given_config is not None:
+            state["config"] = self.given_config.to_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         """Restore :meth:`state_dict`'s output, every field checked; ``StateError`` names the field, the value
