@@ -13,9 +13,13 @@ STAMP_TF4 := $(VENV_TF4)/.gradclip-installed
 VENV_AXOLOTL ?= .venv-axolotl
 AXOLOTL_SPEC ?= axolotl==0.19.0
 STAMP_AXOLOTL := $(VENV_AXOLOTL)/.gradclip-installed
+# DeepSpeed 0.19.8 on the CPU torch: its own lane and virtualenv (tests/deepspeed, docs/distributed.md)
+VENV_DEEPSPEED ?= .venv-deepspeed
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+STAMP_DEEPSPEED := $(VENV_DEEPSPEED)/.gradclip-installed
 PIP_OPTS ?= --quiet
 
-.PHONY: install test test-main test-tf4 test-package test-axolotl demo clean
+.PHONY: install test test-main test-tf4 test-package test-axolotl test-deepspeed demo clean
 
 $(STAMP): setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -39,11 +43,20 @@ $(STAMP_AXOLOTL): setup.py setup.cfg
 	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" -e ".[test]"
 	touch $(STAMP_AXOLOTL)
 
+$(STAMP_DEEPSPEED): setup.py setup.cfg
+	$(PYTHON) -m venv $(VENV_DEEPSPEED)
+	$(VENV_DEEPSPEED)/bin/python -m pip install $(PIP_OPTS) --upgrade pip
+	$(VENV_DEEPSPEED)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)"
+	$(VENV_DEEPSPEED)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" "$(DEEPSPEED_SPEC)"
+	$(VENV_DEEPSPEED)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" -e ".[test]"
+	touch $(STAMP_DEEPSPEED)
+
 install: $(STAMP)
 
 # the whole suite on the newest transformers, then the Trainer integration and logging tests on 4.57, then the
-# built package (sdist + wheel, twine check, the wheel used from a fresh virtualenv), then the Axolotl lane
-test: test-main test-tf4 test-package test-axolotl
+# built package (sdist + wheel, twine check, the wheel used from a fresh virtualenv), then the Axolotl lane, then
+# the DeepSpeed lane (about 2 minutes with its virtualenv built: docs/distributed.md)
+test: test-main test-tf4 test-package test-axolotl test-deepspeed
 
 test-main: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -58,8 +71,12 @@ test-package: $(STAMP)
 test-axolotl: $(STAMP_AXOLOTL)
 	$(VENV_AXOLOTL)/bin/python -m pytest tests/axolotl -p no:cacheprovider $(PYTEST_ARGS)
 
+# real DeepSpeed ZeRO-2/ZeRO-3 engines on CPU through the Trainer (tests/deepspeed); cost: docs/distributed.md
+test-deepspeed: $(STAMP_DEEPSPEED)
+	DS_ACCELERATOR=cpu $(VENV_DEEPSPEED)/bin/python -m pytest tests/deepspeed -p no:cacheprovider $(PYTEST_ARGS)
+
 demo: $(STAMP)
 	WANDB_MODE=offline $(PY) -m gradclip_hf demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV_TF4) $(VENV_AXOLOTL) build *.egg-info .pytest_cache demo_output
+	rm -rf $(VENV) $(VENV_TF4) $(VENV_AXOLOTL) $(VENV_DEEPSPEED) build *.egg-info .pytest_cache demo_output

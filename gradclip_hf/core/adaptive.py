@@ -151,6 +151,19 @@ class ZScoreClip(DeviceState, ClipStrategy):
         var.copy_(torch.where(just_ready, warm_var, torch.where(update, new_var, var)))
 
     @torch.no_grad()
+    def next_threshold(self, device: torch.device) -> Tensor:
+        """The spike boundary of the statistics so far, capped: ``min(mean + z_thresh * (std + eps), cap)``
+        (``mean + z_thresh * std`` in ``percentile`` mode), the cap during warmup. A norm above it is what
+        :meth:`plan` calls a spike; it is clipped to the boundary instead of ZClip's lower spike value (which
+        depends on the norm itself)."""
+        state = self._device_state(device)
+        mean, std = state["mean"], state["var"].clamp(min=0).sqrt()
+        eps = 0.0 if self.mode is ZScoreMode.PERCENTILE else self.eps
+        cap = math.inf if self.max_grad_norm is None else self.max_grad_norm
+        boundary = (mean + self.z_thresh * (std + eps)).clamp(max=cap)
+        return torch.where(state["count"] >= self.warmup_steps, boundary, torch.full_like(boundary, cap))
+
+    @torch.no_grad()
     def plan(self, norms, *, scale=1.0, observe=None) -> ClipOutcome:
         state = self._device_state(norms.total.device)
         norm = norms.total.to(state["mean"].dtype)
@@ -219,6 +232,12 @@ class QuantileClip(DeviceState, ClipStrategy):
             ring = torch.roll(ring, shifts=count % self.history)
         tensors["ring"].copy_(ring)
         tensors["count"].fill_(count)
+
+    @torch.no_grad()
+    def next_threshold(self, device: torch.device) -> Tensor:
+        """The ``quantile`` of the norms before this step (``inf`` while the history is empty)."""
+        quantile = torch.nanquantile(self._device_state(device)["ring"], self.quantile)
+        return torch.where(torch.isnan(quantile), torch.full_like(quantile, math.inf), quantile)
 
     @torch.no_grad()
     def plan(self, norms, *, scale=1.0, observe=None) -> ClipOutcome:

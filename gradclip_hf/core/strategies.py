@@ -92,6 +92,12 @@ class ClipStrategy(ABC):
         """The threshold before schedules and spike factors, for strategies where it is fixed."""
         return None
 
+    def next_threshold(self, device: torch.device) -> Tensor:
+        """The global-norm threshold for a step whose norm is not known yet, from the statistics of the steps
+        before (before ``scale``; ``inf``: no clip): for optimizers that clip inside their own step, given one
+        threshold ahead (:class:`~gradclip_hf.core.external.ExternalClip`). Scalar strategies only."""
+        raise NotImplementedError(f"{type(self).__name__} does not clip by one global-norm threshold.")
+
     def plan(self, norms: GradNorms, *, scale: float | Tensor = 1.0, observe: Tensor | None = None) -> ClipOutcome:
         """Decide the clip (and update statistics) without touching a gradient (scalar strategies).
 
@@ -140,6 +146,9 @@ class MeasureOnly(ClipStrategy):
     def _config(self) -> dict[str, Any]:
         return {"norm_type": self.norm_type}
 
+    def next_threshold(self, device: torch.device) -> Tensor:
+        return torch.full((), math.inf, device=device)
+
     def plan(self, norms, *, scale=1.0, observe=None) -> ClipOutcome:
         total = norms.total
         return ClipOutcome(norm=total, threshold=torch.full_like(total, math.inf), coef=torch.ones_like(total),
@@ -172,6 +181,9 @@ class NormClip(ClipStrategy):
 
     def _config(self) -> dict[str, Any]:
         return {"max_norm": self.max_norm, "norm_type": self.norm_type}
+
+    def next_threshold(self, device: torch.device) -> Tensor:
+        return torch.full((), self.max_norm, device=device)
 
     def plan(self, norms, *, scale=1.0, observe=None) -> ClipOutcome:
         threshold = self.max_norm * scale

@@ -3,7 +3,9 @@
 A :class:`Method` is a name and how to build its Trainer. ``METHODS`` holds the named ones; any other
 pack configuration is written ``pack:field=value,field=value`` with :class:`~gradclip_hf.ClipConfig`
 fields (``pack:strategy=norm,threshold=1.0,spike_detection=loss,spike_action=skip``). ``recommended``
-is whatever :meth:`ClipConfig.recommended` returns when the run starts.
+is whatever :meth:`ClipConfig.recommended` returns when the run starts. ``engine:field=value,...`` is the same
+configuration on the pack's DeepSpeed path, simulated in-process (:mod:`.engine_sim`: the threshold set
+before the step, adaptive statistics one step behind).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ __all__ = ["Method", "METHODS", "method", "build_trainer"]
 
 @dataclass(frozen=True)
 class Method:
-    """``kind``: ``trainer`` (stock ``Trainer`` at ``max_grad_norm``), ``zclip``, ``olmo`` or ``pack``
+    """``kind``: ``trainer`` (stock ``Trainer`` at ``max_grad_norm``), ``zclip``, ``olmo``, ``pack``
     (``GradClipTrainer`` with ``ClipConfig(**config)``, or ``ClipConfig.recommended()`` when ``config`` is
-    ``None``)."""
+    ``None``) or ``engine`` (that configuration on the simulated DeepSpeed path)."""
 
     name: str
     kind: str
@@ -30,13 +32,13 @@ class Method:
     def clip_config(self):
         from ..config import ClipConfig
 
-        if self.kind != "pack":
+        if self.kind not in ("pack", "engine"):
             raise ValueError(f"method {self.name!r} is not a pack configuration.")
         return ClipConfig.recommended() if self.config is None else ClipConfig(**dict(self.config))
 
     def describe(self) -> dict[str, Any]:
         d = {"name": self.name, "kind": self.kind, "label": self.label or self.name}
-        if self.kind == "pack":
+        if self.kind in ("pack", "engine"):
             from ..config import ClipConfig
 
             default = ClipConfig().to_dict()
@@ -96,17 +98,19 @@ def method(name: str) -> Method:
     """A named method, or ``pack:field=value,...`` (validated by ``ClipConfig`` now)."""
     if name in METHODS:
         return METHODS[name]
-    if name.startswith("pack:"):
+    kind, sep, spec = name.partition(":")
+    if sep and kind in ("pack", "engine"):
         config = {}
-        for part in filter(None, name[5:].split(",")):
+        for part in filter(None, spec.split(",")):
             key, sep, value = part.partition("=")
             if not sep:
                 raise ValueError(f"method {name!r}: {part!r} is not field=value.")
             config[key.strip()] = _value(value.strip())
-        m = Method(name, "pack", name, config=tuple(sorted(config.items())))
+        m = Method(name, kind, name, config=tuple(sorted(config.items())))
         m.clip_config()
         return m
-    raise ValueError(f"unknown method {name!r}: one of {sorted(METHODS)} or 'pack:field=value,...'.")
+    raise ValueError(f"unknown method {name!r}: one of {sorted(METHODS)}, 'pack:field=value,...' or "
+                     f"'engine:field=value,...'.")
 
 
 def _zclip_callback():
@@ -140,6 +144,11 @@ def build_trainer(m: Method, args_kwargs: dict[str, Any], **trainer_kwargs: Any)
         from .olmo import OlmoSkipTrainer
 
         return OlmoSkipTrainer(args=TrainingArguments(**args_kwargs, max_grad_norm=0.0), **trainer_kwargs)
+    if m.kind == "engine":
+        from .engine_sim import EngineSimTrainer
+
+        return EngineSimTrainer(args=TrainingArguments(**args_kwargs, max_grad_norm=1.0), clip_config=m.clip_config(),
+                                **trainer_kwargs)
     from ..integrations.transformers import GradClipTrainer
 
     return GradClipTrainer(args=TrainingArguments(**args_kwargs, max_grad_norm=1.0), clip_config=m.clip_config(),

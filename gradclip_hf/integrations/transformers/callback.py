@@ -19,7 +19,7 @@ from ...core import GradClipper, OptionError
 from . import compat
 from .batches import IndexRecord
 from .reporting import is_layer_key, logger
-from .run import ClipRun, check_trainer
+from .run import ClipRun, check_trainer, deepspeed_engine
 from .wandb_glue import WandbGlue
 
 __all__ = ["GradClipCallback", "ClipSession", "ConsoleTrim", "release"]
@@ -58,8 +58,10 @@ class ClipSession:
         if clipper is not None:  # training twice starts from the same statistics
             clipper.load_state_dict(self.user_clipper_state)
         processing = getattr(trainer, "processing_class", None)
+        engine = deepspeed_engine(trainer, self.config, clipper, self.owner)
         self.run = ClipRun(self.config, clipper, args=args, state=state, optimizer=optimizer, owner=self.owner,
-                           decode=getattr(processing, "decode", None))
+                           decode=getattr(processing, "decode", None), engine=engine,
+                           max_grad_norm=compat.deepspeed_clipping(trainer) if engine is not None else None)
         batches = self.run.recorder.batches
         batches.sampler = IndexRecord.attach(compat.train_sampler(dataloader))
         batches.dataset = getattr(trainer, "train_dataset", None)
@@ -69,8 +71,9 @@ class ClipSession:
 
     def _say_threshold(self, args: Any) -> None:
         max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
-        logger.info("gradclip: %s: %s; the Trainer's own clipping is off for this run.", self.owner,
-                    self.run.threshold_source)
+        where = ("DeepSpeed's engine clips at it (its clip_grad, set before each step)" if self.run.engine is not None
+                 else "the Trainer's own clipping is off for this run")
+        logger.info("gradclip: %s: %s; %s.", self.owner, self.run.threshold_source, where)
         explicit = self.config is not None and self.config.threshold is not None
         if explicit and max_grad_norm > 0 and self.config.threshold != max_grad_norm:
             _warn(f"gradclip: {self.owner} clips with {self.run.threshold_source}; "
@@ -189,8 +192,13 @@ class GradClipCallback(TrainerCallback, ExportableState):
             _warn("gradclip: GradClipCallback could not find its Trainer on the call stack: it "
                        "clips, but cannot see the step loss, and logs its metrics through on_log (after W&B and "
                        "TensorBoard). Use GradClipTrainer or GradClipMixin for the full integration.")
+        if trainer is None and optimizer is not None and hasattr(compat.inner_optimizer(optimizer), "clip_grad"):
+            raise ValueError("gradclip: GradClipCallback under DeepSpeed needs its Trainer (not found on the call "
+                             "stack): use GradClipTrainer / GradClipMixin, or callback.attach(trainer).")
         run = session.begin(trainer, args, state, optimizer, train_dataloader)
         _restore_state(run, state, type(self).__name__)
+        if run.engine is not None:  # after a resume the engine's clip_grad is the checkpoint's: the pack's now
+            run.engine.sync(int(state.global_step))
         state.stateful_callbacks[type(self).__name__] = self.state()  # a later save finds our entry
         if trainer is not None:
             _wrap(trainer, session, methods=not session.bound)
@@ -282,11 +290,21 @@ def _wrap(trainer: Any, session: ClipSession, methods: bool = True) -> None:
     _unwrap(trainer)
 
     def training_step(original, *a, **kw):
+        inputs = a[1] if len(a) > 1 else kw.get("inputs")
+        run = session.live(trainer)
+        if run is not None:
+            run.engine_inputs(inputs)
         loss = original(*a, **kw)
         run = session.live(trainer)
         if run is not None:
-            run.add_micro_batch(loss, a[1] if len(a) > 1 else kw.get("inputs"))
+            run.add_micro_batch(loss, inputs)
         return loss
+
+    def backward(original, loss, *a, **kw):  # DeepSpeed: the engine steps inside; its threshold first
+        run = session.live(trainer)
+        if run is not None:
+            run.engine_backward(loss, bool(trainer.accelerator.sync_gradients), int(trainer.state.global_step))
+        return original(loss, *a, **kw)
 
     def log(original, logs, *a, **kw):
         run = session.live(trainer)
@@ -302,6 +320,8 @@ def _wrap(trainer: Any, session: ClipSession, methods: bool = True) -> None:
         targets += [(trainer, "_clip_grad_norm", no_op), (trainer, "_get_grad_norm", no_op)] if methods else []
     else:  # transformers 4.x clips inline with the accelerator
         targets.append((trainer.accelerator, "clip_grad_norm_", no_op))
+    if compat.is_deepspeed(trainer):
+        targets.append((trainer.accelerator, "backward", backward))
     for owner, name, make in targets:
         setattr(owner, name, _InstanceWrapper(make, getattr(owner, name), name in owner.__dict__))
 

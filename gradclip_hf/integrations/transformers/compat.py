@@ -28,7 +28,33 @@ grad_norm=None)``                                              active: the Train
 ``BatchSamplerShard.batch_sampler``                             instance's class is swapped for a recording
                                                                 subclass for the run (records name the indices)
 ``Optimizer._step_supports_amp_scaling``torch 2.x   torch 2.x  fused optimizers: ``grad_scale``/``found_inf``
+``Accelerator.backward``,               (1.16)      (1.16)     DeepSpeed: wrapped on the Trainer's accelerator
+``Accelerator.sync_gradients``                                  instance for the run; at the step's last micro-
+                                                                batch (``sync_gradients``) the engine's threshold
+                                                                is set before the original runs (it steps there)
+``Trainer.model_wrapped`` (the engine)  (5.25)      yes        DeepSpeed: the ``DeepSpeedEngine`` of the run
+``deepspeed_plugin.deepspeed_config``   (1.16)      (1.16)     DeepSpeed: the config dict ("auto" filled in)
 =====================================  ==========  =========  =================================================
+
+The DeepSpeed rows (in parentheses) are verified with transformers 5.25.0 and accelerate 1.16.0, the versions
+of ``.venv-deepspeed`` (``make test-deepspeed``); the DeepSpeed path is not run on transformers 4.57.
+
+DeepSpeed 0.19.8 (read in its source, and run on CPU by ``tests/deepspeed``, ZeRO-1, ZeRO-2 and ZeRO-3):
+
+=====================================  =================================================================
+``engine.optimizer.clip_grad``          ZeRO-1/2 ``DeepSpeedZeroOptimizer`` and ZeRO-3
+                                        ``DeepSpeedZeroOptimizer_Stage3``: read in every ``step()``
+                                        (``unscale_and_clip_grads``), 0 = no clip. ZeRO-1/2 save it in the
+                                        optimizer's ``state_dict`` (``CLIP_GRAD``) and restore it on load;
+                                        ZeRO-3 does not save it. Written before each step and at train begin
+                                        (after a resume); the value found at train begin is put back at the end
+``zero_optimization.compute_grad_norm`` must stay true (the default): false leaves no norm (refused)
+``engine.get_global_grad_norm()``       public: the unscaled pre-clip norm of the last step (a device tensor)
+``engine.optimizer.overflow``           the step was skipped (non-finite norm, fp16 loss-scale overflow);
+                                        ZeRO-3 then leaves the previous norm in place: read as ``inf``
+``engine.zero_optimization_stage()``,   public
+``engine.fp16_enabled()``
+=====================================  =================================================================
 
 Nothing here writes a private attribute: the skip goes through the optimizer's public step hooks
 (:class:`~gradclip_hf.integrations.optim.StepGate`), and the LR scheduler advances on a skipped step (the
@@ -41,7 +67,7 @@ import sys
 from typing import Any
 
 __all__ = ["train_sampler", "find_trainer", "unscale_once", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks",
-           "inner_optimizer", "scaler_enabled", "deepspeed_clipping"]
+           "inner_optimizer", "scaler_enabled", "deepspeed_clipping", "deepspeed_engine", "deepspeed_config"]
 
 
 def _trainer_cls():
@@ -119,6 +145,21 @@ def deepspeed_clipping(trainer: Any) -> float | None:
         pass
     value = getattr(getattr(trainer, "args", None), "max_grad_norm", None)
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def deepspeed_engine(trainer: Any) -> Any | None:
+    """The ``DeepSpeedEngine`` the Trainer trains (``model_wrapped``; at train begin it exists), else ``None``."""
+    engine = getattr(trainer, "model_wrapped", None)
+    return engine if hasattr(engine, "get_global_grad_norm") and hasattr(engine, "optimizer") else None
+
+
+def deepspeed_config(trainer: Any) -> dict:
+    """The DeepSpeed config dict accelerate holds ("auto" values filled in by the Trainer)."""
+    try:
+        config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    except AttributeError:
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def fsdp_version(trainer: Any) -> int | None:

@@ -35,9 +35,21 @@ def check_trainer(trainer: Any, owner: str) -> None:
             f"measure only its own shard and ranks would clip differently. Use FSDP2: fsdp_config={{'version': 2}} "
             f"in TrainingArguments (transformers 5.x), or fsdp_version: 2 in the accelerate config "
             f"(FSDP_VERSION=2), whose DTensor gradients give the global norm; DDP works too.")
-    if trainer is not None and compat.is_deepspeed(trainer):
-        raise ValueError(f"{owner}: DeepSpeed steps inside its engine during backward(), before any Trainer hook; "
-                         f"use the DeepSpeed integration (see docs/distributed.md) or train without DeepSpeed.")
+
+
+def deepspeed_engine(trainer: Any, config: ClipConfig | None, clipper: GradClipper | None, owner: str) -> Any:
+    """Under DeepSpeed, the engine, once the configuration is checked (``ValueError`` with the fix); else ``None``."""
+    if trainer is None or not compat.is_deepspeed(trainer):
+        return None
+    from ..deepspeed import check_deepspeed
+
+    engine = compat.deepspeed_engine(trainer)
+    if engine is None or not hasattr(engine.optimizer, "clip_grad"):
+        raise ValueError(f"{owner}: DeepSpeed is on but its engine (Trainer.model_wrapped) or the ZeRO optimizer's "
+                         f"clip_grad was not found at train begin; use ZeRO stage 1, 2 or 3 (docs/distributed.md).")
+    check_deepspeed(config if clipper is None else None, clipper, compat.deepspeed_config(trainer),
+                    int(engine.zero_optimization_stage()), owner)
+    return engine
 
 
 class ClipRun:
@@ -49,27 +61,37 @@ class ClipRun:
     """
 
     def __init__(self, config: ClipConfig | None, clipper: GradClipper | None, *, args: Any, state: Any,
-                 optimizer: Any, owner: str, decode: Any = None):
+                 optimizer: Any, owner: str, decode: Any = None, engine: Any = None,
+                 max_grad_norm: float | None = None):
         self.config, self.given_config, self.owner = config or ClipConfig(), config, owner
         self.state, self.open = state, True  # the TrainerState of this run; open until train() leaves
-        max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+        if max_grad_norm is None:
+            max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
         if clipper is None:
             total = int(getattr(state, "max_steps", 0) or 0) or None
             self.clipper = self.config.build(total, max_grad_norm)
             self.threshold_source = self._describe_threshold(max_grad_norm)
         else:
             self.clipper, self.threshold_source = clipper, "a GradClipper passed in"
+        self.engine = None
+        if engine is not None:  # DeepSpeed: the engine clips at the threshold the pack sets before its step
+            from ..deepspeed import EngineClip
+
+            self.engine, optimizer = EngineClip(self.clipper, engine), None
         inner = compat.inner_optimizer(optimizer) if optimizer is not None else None
         self.gate = StepGate(inner) if isinstance(inner, torch.optim.Optimizer) else None
         self.defer = self.gate is not None and self.gate.fused and self.config.defers_to_optimizer
-        self.actions = StepActions(self.clipper, self.config, self.gate, owner,
-                                   scaler=optimizer is not None and compat.scaler_enabled(optimizer))
+        scaler = (optimizer is not None and compat.scaler_enabled(optimizer)) or bool(
+            engine is not None and engine.fp16_enabled())  # fp16: the loss scaler skips overflow steps itself
+        self.actions = StepActions(self.clipper, self.config, self.gate, owner, scaler=scaler)
         samples = int(getattr(args, "per_device_train_batch_size", 1)) * int(
             getattr(args, "gradient_accumulation_steps", 1))
         self.recorder = EventRecorder(getattr(args, "output_dir", None), samples, capacity=256,
                                       main_process=bool(getattr(state, "is_world_process_zero", True)), decode=decode)
         self.loss, self.window = StepLoss(), MetricsWindow()
         self.layers = LayerSelector(self.config.log_layers_top_k, self.config.log_layer_patterns)
+        if self.engine is not None:  # ZeRO partitions and frees the gradients inside its step: no per-layer norms
+            self.layers = LayerSelector(0, ())
         self.messages = SpikeMessages(self.clipper, owner)
         self.last_report: ClipReport | None = None
         self.num_clips = self.skipped_steps = self.nonfinite_steps = 0
@@ -106,21 +128,43 @@ class ClipRun:
 
     # ------------------------------------------------------------------ per step
     def add_micro_batch(self, loss: Any, inputs: Any) -> None:
-        """A ``training_step``'s return and inputs: the step loss, and what identifies the batch."""
-        self.loss.add(loss)
-        self.recorder.batches.add(inputs)
+        """A ``training_step``'s return and inputs: the step loss, and what identifies the batch (DeepSpeed:
+        :meth:`engine_inputs` and :meth:`engine_backward` took them before the engine stepped)."""
+        if self.engine is None:
+            self.loss.add(loss)
+            self.recorder.batches.add(inputs)
+
+    def engine_inputs(self, inputs: Any) -> None:
+        """DeepSpeed: a ``training_step``'s inputs, before it runs (the engine steps inside it)."""
+        if self.engine is not None:
+            self.recorder.batches.add(inputs)
+
+    def engine_backward(self, loss: Any, sync: bool, step: int) -> None:
+        """DeepSpeed: ``accelerator.backward(loss)`` is about to run; at the step's last micro-batch (``sync``)
+        the engine steps inside it, so its threshold is set now, from the step loss."""
+        if self.engine is not None:
+            self.loss.add(loss)
+            if sync:
+                self.engine.prepare(step, self.loss.take())
 
     def step(self, model: Any, state: Any, optimizer: Any) -> ClipReport | None:
-        """Before ``optimizer.step()``: unscale fp16 gradients once, clip once, arm the step's decision."""
+        """Before ``optimizer.step()``: unscale fp16 gradients once, clip once, arm the step's decision. Under
+        DeepSpeed the engine has stepped already: its norm is read back (:meth:`EngineClip.report`)."""
         step = int(state.global_step)
         if self._clipped_step == step:  # a second hook at the same step: never clip twice
             return self.last_report
         self._clipped_step = step
-        if optimizer is not None:
-            compat.unscale_once(optimizer)
-        loss = self.loss.take()
-        report = self.clipper.clip_(model, step=step, loss=loss, defer=self.defer)
-        skip = self.actions.skip_flag(report)
+        if self.engine is not None:
+            loss, report = self.engine.loss, self.engine.report()
+            if report is None:
+                return self.last_report
+            skip = report.skip  # what the engine did: it skips non-finite steps, nothing else
+        else:
+            if optimizer is not None:
+                compat.unscale_once(optimizer)
+            loss = self.loss.take()
+            report = self.clipper.clip_(model, step=step, loss=loss, defer=self.defer)
+            skip = self.actions.skip_flag(report)
         self.window.add(report, skip, keep_spike_layers=self.layers.top_k > 0)
         inner = compat.inner_optimizer(optimizer) if optimizer is not None else None
         self.actions.after_clip(report, skip, loss, model, inner, state)
@@ -201,6 +245,8 @@ class ClipRun:
         not logged are read (one transfer, and one more for the spike messages if it had spikes)."""
         if self.gate is not None:
             self.gate.remove()
+        if self.engine is not None:
+            self.engine.restore()
         if self.window.sums is not None:
             counts = to_host({k: self.window.sums[k] for k in ("skipped", "nonfinite", "spikes")})
             self.skipped_steps += int(counts["skipped"][0])

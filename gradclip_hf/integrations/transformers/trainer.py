@@ -76,6 +76,9 @@ class GradClipMixin:
             self.clip_session.end()
 
     def training_step(self, model, inputs, *args: Any, **kwargs: Any):
+        run = self.clip_session.live(self)
+        if run is not None:
+            run.engine_inputs(inputs)  # DeepSpeed: the engine steps inside super().training_step
         loss = super().training_step(model, inputs, *args, **kwargs)
         run = self.clip_session.live(self)
         if run is not None:

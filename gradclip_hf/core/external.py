@@ -1,0 +1,173 @@
+"""``ExternalClip``: a :class:`~gradclip_hf.core.GradClipper` driving an optimizer that clips inside its own step.
+
+Some optimizers measure the global gradient norm and clip by a threshold inside their ``step()`` (a
+sharded engine whose gradients the caller never sees). They take one number per step, set before the
+step, and report the pre-clip norm after it. ``ExternalClip`` turns the clipper's strategy, schedule
+and spike controller into that number, and the reported norm back into a :class:`ClipReport`:
+
+1. ``threshold = ext.before(step, loss)``: the step loss is known, the norm is not. The loss detector
+   decides now (a loss spike tightens THIS step). The strategy's part comes from the statistics of
+   the steps before (:meth:`ClipStrategy.next_threshold`): adaptive strategies lag one step.
+2. the optimizer steps, clipping at ``threshold`` as torch does (``coef = min(1, t / (norm + 1e-6))``).
+3. ``report = ext.after(norm)``: the statistics take the norm (exactly as in :meth:`GradClipper.clip_`),
+   the norm detector decides (a norm spike tightens from the NEXT step on), and the report says what
+   the optimizer did: ``norm_post = norm * coef``; a non-finite norm is a skipped step.
+
+Per-tensor norms are not measured (``names`` is empty). Nothing leaves the device except where the
+caller reads the threshold (:meth:`host_threshold` says when no read is needed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._checks import OptionError
+from .clipper import ClipReport, GradClipper, NonFinitePolicy
+from .norms import GradNorms
+from .spikes import SpikeController, SpikeDecision, reduce_loss
+from .strategies import TORCH_EPS, MeasureOnly, NormClip
+
+__all__ = ["ExternalClip"]
+
+
+class _Pending:
+    """What :meth:`ExternalClip.before` decided, for :meth:`ExternalClip.after`."""
+
+    def __init__(self, step: int, threshold: Tensor, scale: Tensor, loss: Tensor, loss_spike: Tensor,
+                 loss_z: Tensor, loss_base: Tensor, factor_before: Tensor):
+        self.step, self.threshold, self.scale, self.loss = step, threshold, scale, loss
+        self.loss_spike, self.loss_z, self.loss_base, self.factor_before = loss_spike, loss_z, loss_base, factor_before
+
+
+class ExternalClip:
+    """One threshold ahead per step for an optimizer that clips by the global norm itself (see the module).
+
+    Args:
+        clipper: a :class:`GradClipper` with a scalar strategy (``norm``, ``zscore``, ``quantile``, ``none``),
+            the L2 norm, no parameter groups, ``include`` or ``exclude`` (the optimizer measures every
+            gradient), and ``nonfinite`` ``skip`` or ``ignore`` (the optimizer's own overflow check).
+        device: where the statistics live.
+
+    Raises:
+        OptionError: a clipper this cannot drive, naming the setting.
+    """
+
+    def __init__(self, clipper: GradClipper, device: torch.device | str = "cpu"):
+        self.check(clipper)
+        self.clipper, self.device = clipper, torch.device(device)
+        self._pending: _Pending | None = None
+
+    @staticmethod
+    def check(clipper: GradClipper) -> None:
+        strategy = clipper.strategy
+        if not strategy.scalar:
+            raise OptionError("strategy", strategy.name, "'norm', 'zscore', 'quantile' or 'none' (one global-norm "
+                              "threshold per step)")
+        if strategy.norm_type != 2.0:
+            raise OptionError("norm_type", strategy.norm_type, "2.0 (the optimizer measures the L2 norm)")
+        for name, value, allowed in (("groups", list(clipper.groups), "none"), ("exclude", list(clipper.exclude), "[]"),
+                                     ("include", clipper.include, "None")):
+            if value:
+                raise OptionError(name, value, f"{allowed} (the optimizer measures and clips every gradient)")
+        if clipper.nonfinite not in (NonFinitePolicy.SKIP, NonFinitePolicy.IGNORE):
+            raise OptionError("nonfinite", clipper.nonfinite.value, "'skip' or 'ignore' (the optimizer's gradients "
+                              "are not reachable before its step: it skips non-finite steps itself)")
+
+    # ------------------------------------------------------------------ before the step
+    def host_threshold(self, step: int) -> float | None:
+        """The threshold of ``step`` as a float when it needs no device statistics (``norm``/``none`` without a
+        spike controller), else ``None``; ``inf``: no clip."""
+        strategy = self.clipper.strategy
+        if self.clipper.spikes is not None or not isinstance(strategy, (NormClip, MeasureOnly)):
+            return None
+        return math.inf if isinstance(strategy, MeasureOnly) else strategy.max_norm * self.clipper.scale_at(step)
+
+    def peek(self, step: int) -> Tensor:
+        """The threshold ``step`` would get without a spike on its loss (nothing is updated): after a resume."""
+        factor = self._factor()
+        return self.clipper.strategy.next_threshold(self.device).to(torch.float64) * self.clipper.scale_at(step) * (
+            factor if factor is not None else 1.0)
+
+    def _factor(self) -> Tensor | None:
+        spikes = self.clipper.spikes
+        return None if spikes is None else spikes._device_state(self.device)["factor"]
+
+    @torch.no_grad()
+    def before(self, step: int, loss: Tensor | None = None) -> Tensor:
+        """This step's threshold (0-dim, ``inf`` for no clip). ``loss``: the step loss (mean over micro-batches),
+        for the loss detector."""
+        spikes, nan = self.clipper.spikes, torch.full((), math.nan, dtype=torch.float64, device=self.device)
+        loss_x = nan if loss is None else loss.detach().to(device=self.device, dtype=torch.float64).reshape(())
+        loss_spike, loss_z, loss_base = torch.zeros((), dtype=torch.bool, device=self.device), nan, nan
+        factor_before = factor = torch.ones((), dtype=torch.float64, device=self.device)
+        if spikes is not None:
+            if loss is not None and spikes.reduce:
+                loss_x = reduce_loss(loss_x)
+            if spikes.loss_detector is not None and loss is not None:
+                loss_spike, loss_z, loss_base = spikes.loss_detector.update(loss_x)
+            state = spikes._device_state(self.device)
+            factor_before = state["factor"].clone()
+            factor = _tightened(spikes, factor_before, loss_spike)
+            state["factor"] = factor.clone()
+        scale = factor * self.clipper.scale_at(step)
+        threshold = self.clipper.strategy.next_threshold(self.device).to(torch.float64) * scale
+        self._pending = _Pending(step, threshold, scale, loss_x, loss_spike, loss_z, loss_base, factor_before)
+        return threshold
+
+    # ------------------------------------------------------------------ after the step
+    @torch.no_grad()
+    def after(self, norm: Tensor | float) -> ClipReport:
+        """The report of the step :meth:`before` prepared, from the optimizer's pre-clip ``norm``."""
+        p = self._pending
+        if p is None:
+            raise RuntimeError("ExternalClip.after() without before(): call before() ahead of each optimizer step.")
+        self._pending = None
+        norm = torch.as_tensor(norm, dtype=torch.float64, device=self.device).reshape(())
+        nonfinite = ~torch.isfinite(norm)
+        decision = self._norm_phase(p, norm, nonfinite)
+        observe = ~nonfinite if decision is None else ~nonfinite & ~decision.spike
+        self.clipper.strategy.plan(GradNorms(norm, norm.reshape(1), 2.0), scale=p.scale, observe=observe)
+        coef = torch.where(nonfinite, torch.ones_like(norm),
+                           1.0 / torch.clamp((norm + TORCH_EPS) / p.threshold, min=1.0))
+        skip = nonfinite & torch.tensor(self.clipper.nonfinite is NonFinitePolicy.SKIP, device=self.device)
+        return ClipReport(step=p.step, norm=norm, norm_post=norm * coef, threshold=p.threshold, coef=coef,
+                          clipped=coef < 1.0, nonfinite=nonfinite, skip=skip, scale=p.scale, names=[],
+                          per_tensor_norms=norm.new_zeros(0), spike=decision)
+
+    def _norm_phase(self, p: _Pending, norm: Tensor, nonfinite: Tensor) -> SpikeDecision | None:
+        spikes = self.clipper.spikes
+        if spikes is None:
+            return None
+        no = torch.zeros((), dtype=torch.bool, device=self.device)
+        nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
+        norm_spike, norm_z, norm_base = no, nan, nan
+        if spikes.norm_detector is not None:
+            norm_spike, norm_z, norm_base = spikes.norm_detector.update(norm)
+        state = spikes._device_state(self.device)
+        after = torch.where(norm_spike & ~p.loss_spike, _tightened(spikes, state["factor"], norm_spike, relax=False),
+                            state["factor"])
+        state["factor"] = after.clone()
+        spike = p.loss_spike | norm_spike
+        spikes.events.record([torch.full((), float(p.step + 1), dtype=torch.float64, device=self.device), p.loss,
+                              p.loss_base, p.loss_z, norm, norm_base, norm_z, p.factor_before, after, p.loss_spike,
+                              norm_spike], spike)
+        act = spike if spikes.action.value != "tighten" else no
+        return SpikeDecision(spike=spike, loss_spike=p.loss_spike, norm_spike=norm_spike, factor=after, loss=p.loss,
+                             loss_z=p.loss_z, loss_baseline=p.loss_base, norm_z=norm_z, norm_baseline=norm_base,
+                             act=act)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.clipper.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clipper.load_state_dict(state)
+
+
+def _tightened(spikes: SpikeController, factor: Tensor, spike: Tensor, relax: bool = True) -> Tensor:
+    """The controller's factor rule: ``x spike_factor`` (floored) on a spike, else relaxed towards 1."""
+    calm = 1.0 - (1.0 - factor) * spikes._relax if relax else factor
+    return torch.where(spike, (factor * spikes.spike_factor).clamp(min=spikes.min_factor), calm)

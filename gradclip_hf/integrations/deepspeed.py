@@ -1,0 +1,128 @@
+"""DeepSpeed ZeRO (stages 1, 2, 3): the pack's threshold set on the engine before each of its steps.
+
+The ZeRO optimizers measure the global gradient norm and clip inside ``step()``, reading their
+``clip_grad`` attribute every step (``unscale_and_clip_grads``: ``coef = 1 / max(1, (norm + 1e-6) /
+clip_grad)``; 0 = no clip). Through accelerate, the engine's backward and step both run inside
+``accelerator.backward``, before any Trainer hook. So, per optimizer step:
+
+1. before the engine steps (the last micro-batch's ``accelerator.backward``): the step loss is known;
+   :class:`~gradclip_hf.core.external.ExternalClip` gives the threshold (schedule, loss-spike factor of
+   THIS step, strategy from the norms of the steps before), written to ``engine.optimizer.clip_grad``;
+2. the engine steps and clips at it;
+3. after (``on_pre_optimizer_step``): ``engine.get_global_grad_norm()`` (the pre-clip norm) goes back to
+   the statistics and the metrics; ``norm_post = norm * coef``, exactly what the engine applied.
+
+What cannot be done faithfully is refused at train start (:meth:`EngineClip.check`), with the fix.
+The engine's ``clip_grad`` is put back when the run closes (any exit of ``train()``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..config import ClipConfig
+from ..core import ClipReport, GradClipper
+from ..core.external import ExternalClip
+
+__all__ = ["EngineClip", "check_deepspeed"]
+
+_INSTEAD = "or train without DeepSpeed (DDP or FSDP2), where the pack skips inside the optimizer step"
+
+
+def check_deepspeed(config: ClipConfig | None, clipper: GradClipper | None, ds_config: dict, stage: int,
+                    owner: str) -> None:
+    """Refuse, with the fix, what the pack cannot do faithfully under this DeepSpeed configuration."""
+    def refuse(what: str, fix: str) -> None:
+        raise ValueError(f"{owner}: under DeepSpeed (ZeRO stage {stage}) {what}. {fix}")
+
+    if stage not in (1, 2, 3):
+        refuse("the engine clips with its own configuration (ZeRO stage 0 has no per-step clip_grad)",
+               "Use zero_optimization.stage 1, 2 or 3, or train without DeepSpeed.")
+    zero = ds_config.get("zero_optimization") or {}
+    if zero.get("compute_grad_norm", True) is False:
+        refuse("zero_optimization.compute_grad_norm=false leaves no gradient norm to clip by",
+               "Set zero_optimization.compute_grad_norm to true (the default).")
+    c = config or ClipConfig()
+    if config is not None:
+        _check_config(c, refuse)
+    if clipper is not None:
+        try:
+            ExternalClip.check(clipper)
+        except ValueError as error:
+            refuse(f"the GradClipper cannot be driven ({error})", "Pass a clipper as described, or ClipConfig options.")
+    bf16 = ds_config.get("bf16") or ds_config.get("bfloat16") or {}
+    nonfinite = clipper.nonfinite.value if clipper is not None else c.nonfinite
+    if (nonfinite == "skip" and stage < 3 and bf16.get("enabled") in (True, "auto")
+            and bf16.get("check_grad_overflow", True) is False):
+        refuse("bf16.check_grad_overflow=false makes ZeRO-1/2 apply steps with NaN/Inf gradients, so "
+               "nonfinite='skip' cannot hold", "Set bf16.check_grad_overflow to true, or nonfinite='ignore'.")
+
+
+def _check_config(c: ClipConfig, refuse: Any) -> None:
+    if c.strategy in ("value", "agc"):
+        refuse(f"strategy={c.strategy!r} cannot be applied: the engine clips by ONE global-norm threshold",
+               "Use strategy 'norm', 'zscore', 'quantile' or 'none'.")
+    if c.norm_type != 2.0:
+        refuse(f"norm_type={c.norm_type!r} cannot be applied: the engine measures the L2 norm", "Use norm_type=2.0.")
+    if c.exclude or c.include is not None:
+        refuse(f"exclude={c.exclude!r} / include={c.include!r} cannot be applied: the engine measures and clips "
+               f"every gradient", "Leave exclude and include unset.")
+    if c.spike_detection != "off" and c.spike_action in ("skip", "rollback"):
+        refuse(f"spike_action={c.spike_action!r} cannot be done faithfully: the engine steps inside backward() "
+               f"and its weights and optimizer state cannot be left unchanged",
+               f"Use spike_action='tighten' (the spike step's threshold is tightened) or 'stop', {_INSTEAD}.")
+    if c.skip_steps or c.skip_steps_from:
+        refuse("skip_steps / skip_steps_from cannot be done faithfully: the engine steps inside backward()",
+               f"Leave them unset (resume from a checkpoint before the bad steps with the batches removed), {_INSTEAD}.")
+    if c.nonfinite in ("zero", "raise"):
+        refuse(f"nonfinite={c.nonfinite!r} cannot be done: the gradients are not reachable between the engine's "
+               f"backward and its step", "Use nonfinite='skip' (DeepSpeed skips non-finite steps itself: its "
+               "overflow check) or 'ignore'.")
+
+
+class EngineClip:
+    """One run's link to a DeepSpeed engine: the threshold before each step, the report after it.
+
+    Args:
+        clipper: the run's clipper (checked by :func:`check_deepspeed` before).
+        engine: the ``DeepSpeedEngine`` (``engine.optimizer`` is the ZeRO optimizer).
+    """
+
+    def __init__(self, clipper: GradClipper, engine: Any):
+        self.engine, self.optimizer = engine, engine.optimizer
+        self.external = ExternalClip(clipper, device=engine.device)
+        self.original = self.optimizer.clip_grad  # put back when the run closes
+        self.loss: torch.Tensor | None = None  # the step loss given to prepare()
+        self.prepared_step: int | None = None
+
+    def _set(self, threshold: float) -> None:
+        self.optimizer.clip_grad = threshold if math.isfinite(threshold) and threshold > 0 else 0.0
+
+    def prepare(self, step: int, loss: torch.Tensor | None) -> None:
+        """Before the engine's step ``step``: its threshold from the loss and the statistics so far."""
+        self.loss, self.prepared_step = loss, step
+        threshold = self.external.before(step, loss)
+        value = self.external.host_threshold(step)
+        self._set(float(threshold) if value is None else value)  # a host read only for device statistics
+
+    def sync(self, step: int) -> float:
+        """Set ``clip_grad`` from the pack's state (train begin, after a resume); return it."""
+        value = self.external.host_threshold(step)
+        self._set(float(self.external.peek(step)) if value is None else value)
+        return self.optimizer.clip_grad
+
+    def report(self) -> ClipReport | None:
+        """After the engine's step: the report from its pre-clip norm (``None`` if no step was prepared)."""
+        if self.prepared_step is None:
+            return None
+        self.prepared_step = None
+        norm = self.engine.get_global_grad_norm()
+        if norm is None or getattr(self.optimizer, "overflow", False):  # skipped by the overflow check
+            norm = math.inf
+        return self.external.after(norm)
+
+    def restore(self) -> None:
+        self.optimizer.clip_grad = self.original

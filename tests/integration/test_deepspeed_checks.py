@@ -1,0 +1,64 @@
+"""What the pack refuses under DeepSpeed, checked at train start with the fix spelled out (``check_deepspeed``: no
+engine needed; the real engines run in tests/deepspeed, ``make test-deepspeed``)."""
+
+import pytest
+
+from gradclip_hf import ClipConfig
+from gradclip_hf.core import GradClipper, NormClip, ValueClip
+from gradclip_hf.integrations.deepspeed import check_deepspeed
+
+DS = {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}
+
+
+def check(config=None, clipper=None, ds=DS, stage=2):
+    check_deepspeed(config, clipper, ds, stage, "GradClipTrainer")
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(spike_detection="loss", spike_action="skip"), r"spike_action='skip' cannot be done faithfully.*Use "
+                                                        r"spike_action='tighten'.*or 'stop'"),
+    (dict(spike_detection="loss", spike_action="rollback"), r"spike_action='rollback' cannot be done faithfully"),
+    (dict(skip_steps=[5]), r"skip_steps / skip_steps_from cannot be done faithfully"),
+    (dict(nonfinite="zero"), r"nonfinite='zero' cannot be done.*Use nonfinite='skip' \(DeepSpeed skips"),
+    (dict(nonfinite="raise"), r"nonfinite='raise' cannot be done"),
+    (dict(strategy="value", threshold=0.1), r"strategy='value' cannot be applied.*Use strategy 'norm', 'zscore'"),
+    (dict(strategy="agc", threshold=0.01), r"strategy='agc' cannot be applied"),
+    (dict(norm_type=1.0), r"norm_type=1.0 cannot be applied.*Use norm_type=2.0"),
+    (dict(exclude=["bias"]), r"exclude=\['bias'\].*Leave exclude and include unset"),
+    (dict(include=["lora_"]), r"include=\['lora_'\]"),
+])
+def test_refused_with_the_fix(options, match):
+    with pytest.raises(ValueError, match=r"GradClipTrainer: under DeepSpeed \(ZeRO stage 2\) " + ".*" + match):
+        check(ClipConfig(**options))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(strategy="zscore"), dict(strategy="quantile"), dict(strategy="none"),
+                                     dict(spike_detection="both", spike_action="tighten"),
+                                     dict(spike_detection="loss", spike_action="stop"), dict(nonfinite="ignore"),
+                                     dict(schedule="cosine", threshold_final=0.3, schedule_steps=10)])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_accepted(options, stage):
+    check(ClipConfig(**options), stage=stage)
+
+
+def test_stage0_and_no_norm_refused():
+    with pytest.raises(ValueError, match=r"ZeRO stage 0 has no per-step clip_grad.*Use zero_optimization.stage 1, 2 or 3"):
+        check(ClipConfig(), stage=0)
+    with pytest.raises(ValueError, match=r"compute_grad_norm=false leaves no gradient norm.*Set zero_optimization."
+                                         r"compute_grad_norm to true"):
+        check(ClipConfig(), ds={"zero_optimization": {"stage": 2, "compute_grad_norm": False}})
+
+
+def test_bf16_without_overflow_check_refuses_nonfinite_skip_on_zero12():
+    ds = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True, "check_grad_overflow": False}}
+    with pytest.raises(ValueError, match=r"bf16.check_grad_overflow=false.*Set bf16.check_grad_overflow to true, or "
+                                         r"nonfinite='ignore'"):
+        check(ClipConfig(), ds=ds)
+    check(ClipConfig(nonfinite="ignore"), ds=ds)
+    check(ClipConfig(), ds=ds, stage=3)  # ZeRO-3 skips non-finite norms whatever the dtype
+
+
+def test_a_clipper_it_cannot_drive_is_refused():
+    with pytest.raises(ValueError, match=r"the GradClipper cannot be driven \(`strategy`"):
+        check(clipper=GradClipper(ValueClip(1.0)))
+    check(clipper=GradClipper(NormClip(1.0)))
