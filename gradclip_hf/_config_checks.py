@@ -12,6 +12,7 @@ from .core import NonFinitePolicy, OptionError, SpikeAction
 if TYPE_CHECKING:
     from .config import ClipConfig
 
+
 def _check_combinations(c: "ClipConfig") -> None:
     """Combinations that cannot mean anything: errors."""
     s = c.strategy
@@ -71,6 +72,10 @@ def _ignored(c: "ClipConfig") -> list[tuple[str, str]]:
                 if name.startswith("spike_") and name not in ("spike_detection", "spike_action")]
     elif c.spike_detection == SpikeDetection.LOSS.value and "spike_norm_z" in changed:
         out.append(("spike_norm_z", "spike_detection is 'loss' (no gradient-norm detector)."))
+    if ("spike_factor" in changed and c.spike_factor == 1.0 and c.spike_detection != SpikeDetection.OFF.value
+            and c.spike_action == SpikeAction.TIGHTEN.value):
+        out.append(("spike_factor", "with spike_action 'tighten' a factor of 1 changes nothing: spikes are only "
+                                    "counted and logged (set it below 1, e.g. 0.5, to tighten)."))
     if "spike_snapshot_every" in changed and c.spike_action != SpikeAction.ROLLBACK.value:
         out.append(("spike_snapshot_every", "it only applies to spike_action 'rollback'."))
     if "nonfinite_max_consecutive" in changed and c.nonfinite != NonFinitePolicy.SKIP.value:

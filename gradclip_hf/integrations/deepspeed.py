@@ -73,7 +73,8 @@ def _check_config(c: ClipConfig, refuse: Any) -> None:
     if c.spike_detection != "off" and c.spike_action in ("skip", "rollback"):
         refuse(f"spike_action={c.spike_action!r} cannot be done faithfully: the engine steps inside backward() "
                f"and its weights and optimizer state cannot be left unchanged",
-               f"Use spike_action='tighten' (the spike step's threshold is tightened) or 'stop', {_INSTEAD}.")
+               f"Use spike_action='tighten' with spike_factor below 1, e.g. 0.5 (the spike step's threshold is "
+               f"tightened; ClipConfig.recommended() has 1), or 'stop', {_INSTEAD}.")
     if c.skip_steps or c.skip_steps_from:
         refuse("skip_steps / skip_steps_from cannot be done faithfully: the engine steps inside backward()",
                f"Leave them unset (resume from a checkpoint before the bad steps with the batches removed), {_INSTEAD}.")

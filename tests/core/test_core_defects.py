@@ -149,6 +149,7 @@ def test_mad_with_a_long_warmup_builds_and_runs():
     ({"spike_z": 4.0}, "spike_z"),
     ({"strategy": "quantile", "threshold": 1.0}, "threshold"),
     ({"zscore_z": 3.0}, "zscore_z"),
+    ({"spike_detection": "loss", "spike_factor": 1.0}, "spike_factor"),  # tighten by 1: nothing happens
 ])
 def test_ignored_options_warn_once_naming_them(options, name):
     with warnings.catch_warnings(record=True) as caught:
