@@ -124,9 +124,12 @@ def _spike_file(n, v):
     if not isinstance(v, str) or not v:
         raise OptionError(n, v, "a path to a gradclip_spikes.jsonl, or None")
     try:
-        read_spike_steps(v)
+        steps = read_spike_steps(v)
     except ValueError as error:
         raise OptionError(n, v, "a readable gradclip_spikes.jsonl", str(error)) from None
+    if not steps:
+        warnings.warn(f"`{n}`={v!r} lists no spike or non-finite step (listed skips are not carried over): nothing "
+                      f"will be skipped because of it.", UserWarning, stacklevel=2)
     return v
 
 

@@ -166,3 +166,14 @@ def test_default_and_consistent_options_do_not_warn():
         ClipConfig.recommended()
         ClipConfig(schedule="cosine", threshold=1.0, threshold_final=0.3)
         ClipConfig(spike_detection="both", spike_norm_z=4.0, spike_action="rollback", spike_snapshot_every=10)
+
+
+def test_a_spike_file_without_spikes_warns_that_nothing_will_be_skipped(tmp_path):
+    path = tmp_path / "gradclip_spikes.jsonl"
+    path.write_text('{"event": "skip_listed", "step": 5}\n')
+    with pytest.warns(UserWarning, match="lists no spike or non-finite step"):
+        assert ClipConfig(skip_steps_from=str(path)).steps_to_skip() == frozenset()
+    path.write_text('{"event": "spike", "step": 7}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ClipConfig(skip_steps_from=str(path)).steps_to_skip() == frozenset({7})
