@@ -35,21 +35,22 @@ $(STAMP_TF4): setup.py setup.cfg
 	$(VENV_TF4)/bin/python -m pip install $(PIP_OPTS) -e ".[test]" "$(TF4_SPEC)"
 	touch $(STAMP_TF4)
 
+# a lane's own virtualenv: $(1) its folder, $(2) the package it tests against (torch pinned on every line, so
+# pip never swaps the CPU wheel for a CUDA one)
+define lane_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install $(PIP_OPTS) --upgrade pip
+	$(1)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" "$(2)"
+	$(1)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" -e ".[test]"
+	touch $(1)/.gradclip-installed
+endef
+
 $(STAMP_AXOLOTL): setup.py setup.cfg
-	$(PYTHON) -m venv $(VENV_AXOLOTL)
-	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) --upgrade pip
-	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)"
-	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" "$(AXOLOTL_SPEC)"
-	$(VENV_AXOLOTL)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" -e ".[test]"
-	touch $(STAMP_AXOLOTL)
+	$(call lane_venv,$(VENV_AXOLOTL),$(AXOLOTL_SPEC))
 
 $(STAMP_DEEPSPEED): setup.py setup.cfg
-	$(PYTHON) -m venv $(VENV_DEEPSPEED)
-	$(VENV_DEEPSPEED)/bin/python -m pip install $(PIP_OPTS) --upgrade pip
-	$(VENV_DEEPSPEED)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)"
-	$(VENV_DEEPSPEED)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" "$(DEEPSPEED_SPEC)"
-	$(VENV_DEEPSPEED)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" -e ".[test]"
-	touch $(STAMP_DEEPSPEED)
+	$(call lane_venv,$(VENV_DEEPSPEED),$(DEEPSPEED_SPEC))
 
 install: $(STAMP)
 

@@ -29,16 +29,21 @@ class Method:
     max_grad_norm: float = 1.0
     config: tuple[tuple[str, Any], ...] | None = None
 
+    @property
+    def is_pack(self) -> bool:
+        """A pack configuration (``pack``, or ``engine``: the same on the simulated DeepSpeed path)."""
+        return self.kind in ("pack", "engine")
+
     def clip_config(self):
         from ..config import ClipConfig
 
-        if self.kind not in ("pack", "engine"):
+        if not self.is_pack:
             raise ValueError(f"method {self.name!r} is not a pack configuration.")
         return ClipConfig.recommended() if self.config is None else ClipConfig(**dict(self.config))
 
     def describe(self) -> dict[str, Any]:
         d = {"name": self.name, "kind": self.kind, "label": self.label or self.name}
-        if self.kind in ("pack", "engine"):
+        if self.is_pack:
             from ..config import ClipConfig
 
             default = ClipConfig().to_dict()

@@ -47,7 +47,7 @@ def _series(log_history: list[dict[str, Any]], n: int) -> dict[str, list[float]]
 
 def _flags(m: Method, trainer: Any, series: dict[str, list[float]]) -> tuple[list[int] | None, list[int] | None]:
     """(steps flagged as spikes, steps whose update was skipped); ``None`` where the method has no such thing."""
-    if m.kind in ("pack", "engine"):
+    if m.is_pack:
         spikes = [t for t, v in enumerate(series["spikes"]) if v > 0]
         return spikes, [t for t, v in enumerate(series["skipped"]) if v > 0]
     if m.kind == "olmo":
@@ -57,7 +57,7 @@ def _flags(m: Method, trainer: Any, series: dict[str, list[float]]) -> tuple[lis
 
 def _clip_rate(m: Method, series: dict[str, list[float]]) -> float:
     norms = [v for v in series["grad_norm"] if math.isfinite(v)]
-    if m.kind in ("pack", "engine"):
+    if m.is_pack:
         post, pre = series["norm_post"], series["grad_norm"]
         clipped = [b < a * (1 - 1e-6) for a, b in zip(pre, post) if math.isfinite(a) and math.isfinite(b)]
         return sum(clipped) / len(clipped) if clipped else math.nan
