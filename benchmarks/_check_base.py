@@ -73,7 +73,8 @@ class Plan:
         names = {f.name: f for f in fields(self)}
         if not sep or name not in names:
             raise SystemExit(f"--set {assignment!r}: expected name=value with a name among {sorted(names)}")
-        setattr(self, name, type(getattr(self, name))(ast.literal_eval(value)))
+        kind = type(getattr(self, name))
+        setattr(self, name, value if kind is str else kind(ast.literal_eval(value)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

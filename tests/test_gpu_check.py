@@ -121,7 +121,9 @@ def test_cuda_without_a_gpu_says_so(gpu_check, tmp_path):
 
 
 def test_plan_set_changes_one_size_and_refuses_unknown_names(gpu_check):
-    plan = gpu_check.make_plan(gpu_check.parse(["--quick", "--set", "scale_steps=12", "--set", "fp16_spikes=(1, 2)"]))
-    assert plan.scale_steps == 12 and plan.fp16_spikes == (1, 2) and plan.small_hidden == 32
+    plan = gpu_check.make_plan(gpu_check.parse(["--quick", "--set", "scale_steps=12", "--set", "fp16_spikes=(1, 2)",
+                                                "--set", "kernel_preset=small"]))
+    assert plan.scale_steps == 12 and plan.fp16_spikes == (1, 2) and plan.kernel_preset == "small"
+    assert plan.small_hidden == 32  # the rest stays quick
     with pytest.raises(SystemExit, match="scale_steps"):
         gpu_check.make_plan(gpu_check.parse(["--set", "nope=1"]))
