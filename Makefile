@@ -19,7 +19,7 @@ DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP_DEEPSPEED := $(VENV_DEEPSPEED)/.gradclip-installed
 PIP_OPTS ?= --quiet
 
-.PHONY: install test test-main test-tf4 test-package test-axolotl test-deepspeed demo clean
+.PHONY: install test test-main test-tf4 test-package test-axolotl test-deepspeed demo gpu-check clean
 
 $(STAMP): setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,22 @@ test-deepspeed: $(STAMP_DEEPSPEED)
 
 demo: $(STAMP)
 	WANDB_MODE=offline $(PY) -m gradclip_hf demo $(DEMO_ARGS)
+
+# The GPU proof (benchmarks/gpu_check.py, benchmarks/README.md section 5), at most 8 minutes on one GPU. Where
+# $(GPU_PYTHON) already has a torch that sees a GPU (and transformers, accelerate), it runs on that as it is:
+# nothing is installed over a CUDA build. Elsewhere it runs on the .venv (torch pinned above); without a GPU the
+# script says so and exits 2 (its CPU quick mode runs in `make test`: tests/test_gpu_check.py).
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@if $(GPU_PYTHON) -c "import sys, torch, transformers, accelerate; sys.exit(not torch.cuda.is_available())" \
+			>/dev/null 2>&1; then \
+		echo "gpu-check: $(GPU_PYTHON) as installed (torch $$($(GPU_PYTHON) -c 'import torch; print(torch.__version__)'))"; \
+		PYTHONUNBUFFERED=1 PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+			$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS); \
+	else \
+		$(MAKE) --no-print-directory $(STAMP) && PYTHONUNBUFFERED=1 $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS); \
+	fi
 
 clean:
 	rm -rf $(VENV) $(VENV_TF4) $(VENV_AXOLOTL) $(VENV_DEEPSPEED) build *.egg-info .pytest_cache demo_output
