@@ -8,6 +8,7 @@ naming ``max_grad_norm``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -81,7 +82,7 @@ def _stock(tmp_path, dataset, max_grad_norm):
 @pytest.mark.slow
 @pytest.mark.parametrize("max_grad_norm", [0.0, math.inf])
 def test_zero_and_inf_measure_without_clipping_at_every_entry_point_as_the_stock_trainer(tmp_path, dataset,
-                                                                                         max_grad_norm):
+                                                                                         max_grad_norm, caplog):
     stock = _stock(tmp_path / "stock", dataset, max_grad_norm)
     stock_weights = [p.detach().clone() for p in stock.model.parameters()]
     stock_norms = [h.get("grad_norm") for h in train_logs(stock)]
@@ -89,7 +90,11 @@ def test_zero_and_inf_measure_without_clipping_at_every_entry_point_as_the_stock
         assert all(n is not None and n > 1.0 for n in stock_norms)  # measured, above 1: nothing clips them
     for entry in ENTRIES:
         trainer = _trainer(entry, tmp_path / entry, dataset, max_grad_norm)
-        trainer.train()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="transformers.gradclip_hf"):
+            trainer.train()
+        assert any(f"threshold none (max_grad_norm={max_grad_norm:g}: no clipping, norms measured)" in r.getMessage()
+                   for r in caplog.records), entry
         logs = train_logs(trainer)
         assert [h["gradclip/threshold"] for h in logs] == [math.inf] * 3, entry
         assert [h["gradclip/norm_post"] for h in logs] == [h["grad_norm"] for h in logs], entry

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ...config import ClipConfig
+from ...config import ClipConfig, check_max_grad_norm
 from ...core import ClipReport, GradClipper, SpikeEvent, StateError
 from ..optim import StepGate
 from . import compat
@@ -115,7 +115,7 @@ class ClipRun:
             source = "none: the strategy sets its own"
         elif math.isinf(threshold):
             off = "no cap" if c.strategy == "zscore" else "no clipping, norms measured"
-            source = f"max_grad_norm={float(max_grad_norm):g}: {off}"
+            source = f"max_grad_norm={check_max_grad_norm(max_grad_norm):g}: {off}"
         else:
             source = f"from max_grad_norm={threshold:g}"
         shown = "none" if threshold is None or math.isinf(threshold) else f"{threshold:g}"
