@@ -19,6 +19,7 @@ _LAZY = {
     "GradClipMixin": "gradclip_hf.integrations.transformers",
     "GradClipCallback": "gradclip_hf.integrations.transformers",
     "with_clip_options": "gradclip_hf.integrations.transformers",
+    "GradClipArgumentParser": "gradclip_hf.integrations.transformers",
 }
 __all__ += ["ClipConfig", *_LAZY]
 

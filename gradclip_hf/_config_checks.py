@@ -1,16 +1,39 @@
 """The checks of ``ClipConfig`` that involve several options: combinations that cannot mean anything raise
-(``OptionError``), options the rest of the configuration does not use are returned for one warning each."""
+(``OptionError``), options the rest of the configuration does not use are returned for one warning each; and
+the Trainer's ``max_grad_norm`` as the pack reads it (:func:`check_max_grad_norm`)."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import ScheduleName, SpikeDetection, Strategy
 from .core import NonFinitePolicy, OptionError, SpikeAction
+from .core._checks import FLOAT32_MAX
 
 if TYPE_CHECKING:
     from .config import ClipConfig
+
+
+def check_max_grad_norm(value: Any) -> float:
+    """The Trainer's ``max_grad_norm`` as the pack reads it: 0.0 for 0 and ``None`` (no clipping), ``inf`` for
+    ``inf`` and values above the float32 maximum (no clipping: torch's clip coefficient is 1 there), else the
+    number. NaN, negative values and non-numbers raise :class:`OptionError` naming ``max_grad_norm``."""
+    if value is None:
+        return 0.0
+    allowed = "a number >= 0 (0 or inf: no clipping, norms still measured)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError("max_grad_norm", value, allowed)
+    try:
+        value = float(value)
+    except OverflowError:
+        return math.inf
+    if math.isnan(value):
+        raise OptionError("max_grad_norm", value, allowed, "NaN is not a threshold (the stock Trainer would not clip "
+                          "without saying so): pass 0 to turn clipping off.")
+    if value < 0:
+        raise OptionError("max_grad_norm", value, allowed)
+    return math.inf if value > FLOAT32_MAX else value
 
 
 def _check_combinations(c: "ClipConfig") -> None:

@@ -24,6 +24,7 @@ Schedules are given as thresholds: ``threshold`` at step 0 and ``threshold_final
 ``piecewise_values`` between ``piecewise_boundaries``; the core gets their ratio to ``threshold``.
 """
 
+import functools
 import math
 import warnings
 from contextlib import contextmanager
@@ -34,12 +35,13 @@ from typing import Any, Callable, Optional
 
 from .core import (AGC, Cosine, GradClipper, Linear, MeasureOnly, NonFinitePolicy, NormClip, OptionError,
                    Piecewise, QuantileClip, SpikeAction, SpikeController, SpikeMethod, ValueClip, Warmup, ZScoreClip)
-from .core._checks import (MAX_WINDOW, check_bool, check_choice, check_int, check_norm_type, check_number,
-                           check_patterns)
+from .core._checks import (MAX_WINDOW, UnknownOptionError, check_bool, check_choice, check_int,
+                           check_norm_type, check_number, check_patterns)
 from .core.adaptive import ZScoreClipOption, ZScoreMode
 from .spikefile import read_spike_steps
 
-__all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "Apply", "OPTION_CHECKS", "option_names"]
+__all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "Apply", "OPTION_CHECKS", "option_names",
+           "check_max_grad_norm"]
 
 
 class Strategy(str, Enum):
@@ -224,6 +226,9 @@ class ClipConfig:
                                         "(0: never).", _int(0))
     wandb_alerts: bool = option(True, "With W&B: alerts for spikes (at most one per 5 minutes) and stops.",
                                 check_bool)
+    reset_statistics: bool = option(False, "On resume, do not load the checkpoint's gradclip state: the clipping "
+                                    "and spike statistics start fresh (for a resume with changed statistics "
+                                    "options, e.g. zscore_warmup_steps or spike_method).", check_bool)
 
     def __post_init__(self) -> None:
         rename = _OPTION_NAME.get()
@@ -254,6 +259,17 @@ class ClipConfig:
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    @classmethod
+    def from_dict(cls, options: Any, owner: str = "ClipConfig") -> "ClipConfig":
+        """``ClipConfig(**options)`` for a dict of options (a config dict, parsed YAML): a key that is not an
+        option raises the same ``ValueError`` as a misspelt keyword, naming it (``owner``: where it was given)."""
+        if not isinstance(options, dict):
+            raise OptionError("config", options, "a dict of ClipConfig options")
+        for key in options:
+            if key not in _FIELD_NAMES:
+                raise UnknownOptionError(key, owner, _FIELD_NAMES)
+        return cls(**options)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (``ClipConfig(**d)`` rebuilds it)."""
         d = asdict(self)
@@ -278,22 +294,29 @@ class ClipConfig:
         """Whether a fused optimizer should apply the clip multiplier (``apply``, see its help)."""
         return self.apply == Apply.OPTIMIZER.value or (self.apply == Apply.AUTO.value and not self.is_drop_in)
 
-    def resolved_threshold(self, max_grad_norm: Optional[float] = None) -> Optional[float]:
-        """The threshold in force: ``threshold``, else ``max_grad_norm`` (``None``: no Trainer, 1.0).
+    def resolved_threshold(self, max_grad_norm: Any = None) -> Optional[float]:
+        """The threshold in force: ``threshold``, else the Trainer's ``max_grad_norm`` (``None``: no Trainer,
+        1.0). ``max_grad_norm`` 0 (or ``None`` in ``TrainingArguments``), ``inf`` or above the float32 maximum
+        means no clipping, as in the stock Trainer: ``inf`` here (strategy ``norm`` then only measures, ``zscore``
+        has no cap; the spike controller still acts).
 
         Raises:
-            OptionError: strategy ``norm`` with neither a threshold nor ``max_grad_norm > 0``.
+            OptionError: ``max_grad_norm`` NaN, negative or not a number (named ``max_grad_norm``); a schedule
+                with neither a threshold nor a ``max_grad_norm`` that clips.
         """
+        no_trainer = max_grad_norm is None
+        max_grad_norm = check_max_grad_norm(max_grad_norm)
         if self.threshold is not None or self.strategy in (Strategy.NONE.value, Strategy.QUANTILE.value):
             return self.threshold
-        if max_grad_norm is None:
+        if no_trainer:
             return 1.0
-        if max_grad_norm > 0:
-            return float(max_grad_norm)
-        if self.strategy == Strategy.ZSCORE.value:
-            return math.inf  # max_grad_norm=0: no cap
-        raise OptionError("threshold", None, "a number > 0", "It defaults to max_grad_norm, which is 0 here (no "
-                          "clipping): set the threshold, or strategy 'none' to only measure.")
+        if 0 < max_grad_norm < math.inf:
+            return max_grad_norm
+        if self.schedule != ScheduleName.CONSTANT.value and self.strategy != Strategy.ZSCORE.value:
+            raise OptionError("threshold", None, f"a number > 0 with schedule {self.schedule!r}", "It defaults to "
+                              "max_grad_norm, which turns clipping off here (0 or inf): set the threshold the schedule "
+                              "scales.")
+        return math.inf
 
     def build(self, total_steps: Optional[int] = None, max_grad_norm: Optional[float] = None) -> GradClipper:
         """A fresh :class:`GradClipper` for a run of ``total_steps`` optimizer steps."""
@@ -325,8 +348,22 @@ class ClipConfig:
 
 
 OPTION_CHECKS.update(zip(ClipConfig.field_names(), _DECLARED))
+_FIELD_NAMES = tuple(ClipConfig.field_names())
+_dataclass_init = ClipConfig.__init__
 
-from ._config_checks import _check_combinations, _ignored  # noqa: E402  (they read ClipConfig's enums)
+
+@functools.wraps(_dataclass_init)
+def _init(self: ClipConfig, *args: Any, **options: Any) -> None:
+    """The dataclass ``__init__``; a keyword that is not an option: a ``ValueError`` with the closest name."""
+    for key in options:
+        if key not in _FIELD_NAMES:
+            raise UnknownOptionError(key, "ClipConfig", _FIELD_NAMES)
+    _dataclass_init(self, *args, **options)
+
+
+ClipConfig.__init__ = _init  # type: ignore[method-assign]
+
+from ._config_checks import _check_combinations, _ignored, check_max_grad_norm  # noqa: E402  (they read the enums)
 
 
 def _default(f) -> Any:
@@ -335,7 +372,7 @@ def _default(f) -> Any:
 
 _STRATEGIES: dict[str, Callable[[ClipConfig, Optional[float]], Any]] = {
     "none": lambda c, t: MeasureOnly(c.norm_type),
-    "norm": lambda c, t: NormClip(t, c.norm_type),
+    "norm": lambda c, t: NormClip(t, c.norm_type) if t < math.inf else MeasureOnly(c.norm_type),  # max_grad_norm 0
     "value": lambda c, t: ValueClip(t, c.norm_type),
     "agc": lambda c, t: AGC(clipping=t, eps=c.agc_eps),
     "zscore": lambda c, t: ZScoreClip(alpha=c.zscore_alpha, z_thresh=c.zscore_z, max_grad_norm=t,

@@ -27,7 +27,16 @@ def options_markdown() -> str:
              "`with_clip_options(...)` class (a `--clip_*` flag for `HfArgumentParser` and `TrlParser`), and a",
              "top-level `clip_*` key of the Axolotl plugin. Bad values raise `ValueError` at construction, naming",
              "the option as you wrote it, the value and what is allowed; an option that the rest of the",
-             "configuration does not use gives one warning.", "",
+             "configuration does not use gives one warning. A name that is no option (also a key of a config dict)",
+             "raises the same `ValueError` with the closest name (`ClipConfig(stratgy=...)`: did you mean",
+             "`strategy`?), and says so where the `clip_` prefix is the mistake. On the command line, parse with",
+             "`GradClipArgumentParser` (an `HfArgumentParser`) for the same suggestion and exit status 2",
+             "(`--clip_stratgy`: did you mean `--clip_strategy`?) instead of the stock parser's \"Some specified",
+             "arguments are not used\" traceback.", "",
+             "`max_grad_norm` (the Trainer's) is read as the stock Trainer reads it: 0 (or `None`), `inf` and",
+             "values above the float32 maximum turn clipping off (norms still measured and logged, spike actions",
+             "still act); NaN, negative numbers and non-numbers are refused when the arguments or the Trainer are",
+             "built, naming `max_grad_norm` (docs/trainer.md).", "",
              "| flag | default | what it does |", "|---|---|---|"]
     for f in fields(ClipConfig):
         help_text = f.metadata["help"]

@@ -9,15 +9,18 @@ for ``threshold``) rename it with :meth:`OptionError.renamed`, from the structur
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import Enum
 from typing import Any, Callable, TypeVar
 
 E = TypeVar("E", bound=Enum)
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_WINDOW = 1_000_000  # sizes of device buffers (histories, warmups): above this a typo, not a window
+INT64_MAX = 2**63 - 1  # the largest count a device tensor holds
+PREFIX = "clip_"  # how GradClipTrainingArguments, the command line and the Axolotl YAML name the options
 
 
 class OptionError(ValueError, TypeError):
@@ -31,11 +34,59 @@ class OptionError(ValueError, TypeError):
 
     def __init__(self, name: str, value: Any, allowed: str, note: str = ""):
         self.name, self.value, self.allowed, self.note = name, value, allowed, note
-        super().__init__(f"`{name}` must be {allowed}, got {value!r}." + (f" {note}" if note else ""))
+        super().__init__(f"`{name}` must be {allowed}, got {shown(value)}." + (f" {note}" if note else ""))
 
     def renamed(self, rename: Callable[[str], str]) -> "OptionError":
         """The same error for an option exposed under ``rename(name)`` (e.g. ``clip_`` + name)."""
         return OptionError(rename(self.name), self.value, self.allowed, self.note)
+
+
+def shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for a message: at most ``limit`` characters (a rejected value may be huge)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int of more than 4300 digits, a very deep container
+        text = f"<{type(value).__name__} that cannot be shown>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class UnknownOptionError(OptionError):
+    """An option name that does not exist: ``` `name` is not an option of <owner>; did you mean ...? ```"""
+
+    def __init__(self, name: Any, owner: str, known: Iterable[str], prefixed: bool = False):
+        self.name, self.value, self.owner, self.note = name, name, owner, ""
+        self.allowed = f"an option of {owner}"
+        Exception.__init__(self, f"`{name}` is not an option of {owner}{suggest(name, list(known), prefixed)}")
+
+    def renamed(self, rename: Callable[[str], str]) -> "OptionError":
+        return self
+
+
+def _closest(name: str, known: Sequence[str]) -> str | None:
+    found = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def suggest(name: Any, known: Sequence[str], prefixed: bool = False, form: str = "`{}`",
+            fallback: str = " (the options: docs/options.md).") -> str:
+    """The end of an "unknown option" message: the closest known name (``difflib``), or where the ``clip_``
+    prefix is wrong for this entry point (``prefixed``: whether it names the options ``clip_<option>``).
+    ``form`` shows a name (``"--{}"`` on a command line); ``fallback``: the end when nothing is close."""
+    if not isinstance(name, str):
+        return " (option names are strings)."
+    bare = name.replace("-", "_").lstrip("_")
+    if not prefixed and bare.startswith(PREFIX):
+        match = bare[len(PREFIX):] if bare[len(PREFIX):] in known else _closest(bare[len(PREFIX):], known)
+        if match:
+            return (f": the `{PREFIX}` prefix is for GradClipTrainingArguments, the command line and the Axolotl YAML; "
+                    f"here the option is {form.format(match)}.")
+    if prefixed and not bare.startswith(PREFIX):
+        clip = [k for k in known if k.startswith(PREFIX)]
+        match = PREFIX + bare if PREFIX + bare in known else _closest(PREFIX + bare, clip)
+        if match:
+            return f"; did you mean {form.format(match)}? (here the clipping options take the `{PREFIX}` prefix)"
+    match = _closest(bare, known)
+    return f"; did you mean {form.format(match)}?" if match else fallback
 
 
 def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
@@ -46,7 +97,10 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OptionError(name, value, "a number" + (" or None" if optional else ""))
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        raise OptionError(name, value, f"a finite number (at most {FLOAT32_MAX:.4g}, the float32 maximum)") from None
     if math.isnan(value) or (math.isinf(value) and not allow_inf) or (math.isfinite(value) and abs(value) > FLOAT32_MAX):
         raise OptionError(name, value, f"a finite number (at most {FLOAT32_MAX:.4g}, the float32 maximum)")
     if low is not None and (value < low or (value == low and not low_inclusive)):
@@ -129,8 +183,8 @@ class StateError(ValueError):
     def __init__(self, field: str, value: Any, allowed: str, source: str = ""):
         self.field, self.value, self.allowed, self.source = field, value, allowed, source
         where = f" (in {source})" if source else ""
-        shown = "nothing (missing)" if value is _MISSING else repr(value)
-        super().__init__(f"saved gradclip state field `{field}` must be {allowed}, got {shown}{where}.")
+        got = "nothing (missing)" if value is _MISSING else shown(value)
+        super().__init__(f"saved gradclip state field `{field}` must be {allowed}, got {got}{where}.")
 
     def within(self, prefix: str = "", source: str = "") -> "StateError":
         """The same error for a field nested under ``prefix`` and/or loaded from ``source``."""
@@ -147,6 +201,8 @@ def state_field(state: Any, key: str, check: Callable[..., Any], **kwargs: Any) 
         raise StateError(key, state, "inside a dict")
     if key not in state:
         raise StateError(key, _MISSING, "present")
+    if check is check_int and kwargs.get("high") is None:  # a count held by a device tensor (int64)
+        kwargs["high"] = INT64_MAX
     try:
         return check(key, state[key], **kwargs)
     except OptionError as error:

@@ -87,7 +87,13 @@ class DeviceState(ABC):
         if state is not None and not isinstance(state, dict):
             raise StateError(type(self).__name__, state, "a dict")
         if state:
-            self._fill(self._fresh(torch.device("cpu"), torch.float64), dict(state))
+            try:
+                self._fill(self._fresh(torch.device("cpu"), torch.float64), dict(state))
+            except StateError:
+                raise
+            except (TypeError, ValueError, OverflowError, RuntimeError, IndexError, KeyError) as error:
+                raise StateError(type(self).__name__, state, f"a saved state of {type(self).__name__} "
+                                 f"({type(error).__name__}: {error})") from None
         self._pending = dict(state) if state else None
         self._tensors = None
 

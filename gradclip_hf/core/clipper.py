@@ -51,8 +51,11 @@ class NonFinitePolicy(str, Enum):
     IGNORE = "ignore"
 
 
-class NonFiniteGradientError(FloatingPointError):
-    """A gradient held a NaN or Inf and ``nonfinite="raise"`` was chosen."""
+class NonFiniteGradientError(FloatingPointError, RuntimeError):
+    """A gradient held a NaN or Inf and ``nonfinite="raise"`` was chosen.
+
+    A ``RuntimeError``, as torch's ``clip_grad_norm_(error_if_nonfinite=True)`` raises, so code written for
+    torch catches it; also a ``FloatingPointError``, as in earlier versions of the pack."""
 
 
 @dataclass(frozen=True)
@@ -361,7 +364,9 @@ class GradClipper:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; raises :class:`StateError` naming a field that does not
         fit this clipper (a different strategy, groups or spike settings)."""
-        strategies = state.get("strategies") if isinstance(state, dict) else None
+        if not isinstance(state, dict):
+            raise StateError("clipper", state, "a dict")
+        strategies = state.get("strategies")
         expected = {DEFAULT_GROUP, *(g.name for g in self.groups)}
         if not isinstance(strategies, dict) or set(strategies) != expected:
             got = sorted(strategies) if isinstance(strategies, dict) else strategies
@@ -375,8 +380,14 @@ class GradClipper:
                 raise StateError(f"strategies.{group}", strategy_state, f"a state of "
                                  f"{type(self.strategy_of(group)).__name__} ({error})") from None
         if self.spikes is not None:
+            spikes = state.get("spikes") or {}
+            if not isinstance(spikes, dict):
+                raise StateError("spikes", spikes, "a dict (the spike controller's state)")
+            for name in ("loss_detector", "norm_detector"):
+                if spikes.get(name) is not None and not isinstance(spikes[name], dict):
+                    raise StateError(f"spikes.{name}", spikes[name], "a dict (the detector's state)")
             try:
-                self.spikes.load_state_dict(state.get("spikes") or {})
+                self.spikes.load_state_dict(spikes)
             except StateError as error:
                 raise error.within("spikes") from None
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+
 from ..config import ClipConfig
 from ..core import ClipReport, GradClipper, OptionError
 
@@ -45,7 +47,7 @@ def _as_clipper(config: Any) -> tuple[ClipConfig | None, GradClipper | None]:
     if config is None:
         return ClipConfig(), None
     if isinstance(config, dict):
-        return ClipConfig(**config), None
+        return ClipConfig.from_dict(config, owner="ClipConfig (AcceleratorClipper's config dict)"), None
     if isinstance(config, ClipConfig):
         return config, None
     if isinstance(config, GradClipper):
@@ -103,6 +105,13 @@ class AcceleratorClipper:
         self.needs_loss = spikes is not None and spikes.loss_detector is not None
         self._loss_sum: Any = None
         self._loss_count = 0
+        self._awaiting_step = False  # a step was clipped and its optimizer.step() has not run yet
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self._step_hook = (inner.register_step_pre_hook(self._stepped) if hasattr(inner, "register_step_pre_hook")
+                           else None)
+
+    def _stepped(self, *args: Any) -> None:
+        self._awaiting_step = False
 
     # ------------------------------------------------------------------ per micro-step
     def clip_(self, loss: Any = None) -> ClipReport | None:
@@ -110,12 +119,24 @@ class AcceleratorClipper:
 
         ``loss`` is the micro-batch loss as the loop computed it (before accelerate divides it by the
         accumulation steps); the step loss is their mean. Returns the step's report when gradients are synced
-        (an optimizer step follows), else ``None``."""
+        (an optimizer step follows), else ``None``.
+
+        Raises:
+            ValueError: ``loss`` is not a one-element tensor (a Python number, a per-sample loss).
+            RuntimeError: a second call for one optimizer step (no ``optimizer.step()`` since the call that
+                returned a report), or a call after :meth:`close`."""
+        if not self.run.open:
+            raise RuntimeError("AcceleratorClipper.clip_() after close(): the optimizer hooks are gone, so a skip "
+                               "would not be applied. Make a new AcceleratorClipper for another loop.")
+        sync = self.accelerator.sync_gradients
+        if sync and self._awaiting_step and not getattr(self.optimizer, "step_was_skipped", False):
+            raise RuntimeError("AcceleratorClipper.clip_() was called twice for one optimizer step (no optimizer.step() "
+                               "since the call that returned a report): each such call counts a step of the schedule "
+                               "and the statistics. Call it once per micro-step, after accelerator.backward(loss) and "
+                               "before optimizer.step(), and call optimizer.step() after it (a skip happens inside).")
         if loss is not None:
-            loss = loss.detach().float()
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._loss_count += 1
-        if not self.accelerator.sync_gradients:
+            self._add_loss(loss)
+        if not sync:
             return None
         step_loss = self._take_loss()
         if step_loss is None and self.needs_loss:
@@ -125,7 +146,20 @@ class AcceleratorClipper:
         self.run.loss.add(step_loss)
         report = self.run.step(self.model, self.state, self.optimizer)
         self.state.global_step += 1
+        self._awaiting_step = self._step_hook is not None
         return report
+
+    def _add_loss(self, loss: Any) -> None:
+        allowed = ("the micro-batch loss as a one-element tensor (model(**batch).loss; loss.mean() for a "
+                   "per-sample loss), or None")
+        if not isinstance(loss, torch.Tensor):
+            raise OptionError("loss", loss, allowed, "A Python number has left the device (loss.item()): pass the "
+                              "tensor itself.")
+        if loss.numel() != 1:
+            raise OptionError("loss", f"a tensor of shape {list(loss.shape)}", allowed)
+        loss = loss.detach().float().reshape(())
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_count += 1
 
     def _take_loss(self) -> Any:
         if self._loss_sum is None:
@@ -176,6 +210,8 @@ class AcceleratorClipper:
         if self.run.open:
             self.run.open = False
             self.run.close()
+            if self._step_hook is not None:
+                self._step_hook.remove()
 
     def __enter__(self) -> "AcceleratorClipper":
         return self

@@ -35,7 +35,7 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-from .axolotl_args import PREFIX, clip_config, unknown_keys
+from .axolotl_args import PREFIX, clip_config, unknown_keys, unknown_message
 
 __all__ = ["GradClipPlugin"]
 
@@ -57,8 +57,8 @@ class GradClipPlugin(BasePlugin):
             from ..config import ClipConfig
 
             allowed = ", ".join(PREFIX + name for name in ClipConfig.field_names())
-            raise ValueError(f"gradclip: unknown option(s) {', '.join(unknown)} in the Axolotl config (Axolotl would "
-                             f"ignore them silently); the options of GradClipPlugin are: {allowed}.")
+            raise ValueError(f"gradclip: unknown option(s) {unknown_message(unknown)} in the Axolotl config (Axolotl "
+                             f"would ignore them silently); the options of GradClipPlugin are: {allowed}.")
         if cfg.get("gradient_clipping") is not None:
             LOG.warning("gradclip: Axolotl has no `gradient_clipping` key (it is ignored): the clip threshold is "
                         "clip_threshold, or max_grad_norm when clip_threshold is unset.")

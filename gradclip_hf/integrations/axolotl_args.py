@@ -17,16 +17,24 @@ from pydantic import BaseModel, Field, ValidationInfo, create_model, field_valid
 
 from ..config import OPTION_CHECKS, ClipConfig, option_names
 from ..core import OptionError
+from ..core._checks import suggest
 
-__all__ = ["GradClipArgs", "PREFIX", "key", "clip_config", "unknown_keys"]
+__all__ = ["GradClipArgs", "PREFIX", "key", "clip_config", "unknown_keys", "unknown_message"]
 
 PREFIX = "clip_"
 TRAINER_DEFAULT_MAX_GRAD_NORM = 1.0  # Axolotl forwards max_grad_norm only when set: TrainingArguments' default
 
 
 def key(option: str) -> str:
-    """The YAML key of a ``ClipConfig`` option: ``threshold`` -> ``clip_threshold``."""
-    return PREFIX + option
+    """The YAML key of a ``ClipConfig`` option: ``threshold`` -> ``clip_threshold`` (other names, such as
+    ``max_grad_norm``, are Axolotl's own: unchanged)."""
+    return PREFIX + option if option in ClipConfig.field_names() else option
+
+
+def unknown_message(unknown: list[str]) -> str:
+    """What is wrong with each unknown ``clip_*`` key: the closest option (``clip_stratgy``: ``clip_strategy``)."""
+    known = [key(name) for name in ClipConfig.field_names()]
+    return "; ".join(name + suggest(name, known, prefixed=True) for name in unknown)
 
 
 def unknown_keys(cfg: Mapping[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ works on runs of the stock Trainer (``grad_norm`` only) and of this pack (``grad
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Optional
 
 from .advice import advise
@@ -27,8 +28,25 @@ __all__ = ["build_report", "draw_chart", "render_text", "to_json", "load_run", "
 DEFAULT_CHART = "gradclip_report.png"
 
 
+def _write_new(path: str, write) -> str:
+    """``write(tmp)`` into a new file next to ``path``, then renamed over ``path``: a link planted at ``path`` is
+    replaced, never followed (its target is untouched), and a failed write leaves ``path`` as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".gradclip_report.", suffix=os.path.splitext(path)[1] or ".png", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def draw_chart(run: Run, report: dict, path: str) -> str:
-    """The norms-vs-threshold PNG of ``run`` (:func:`gradclip_hf.charts.norms_chart`) at ``path``."""
+    """The norms-vs-threshold PNG of ``run`` (:func:`gradclip_hf.charts.norms_chart`) at ``path``, written as a
+    new file renamed over ``path`` (a symlink there is replaced, not followed)."""
     from ..charts import norms_chart
 
     windows = run.windows
@@ -39,11 +57,12 @@ def draw_chart(run: Run, report: dict, path: str) -> str:
     if not report["spikes"]["events"]:  # no spike file: marked at the last step of a window that counted one
         spikes = [w["last"] for w in report["spikes"]["windows"]]
         skipped = [w.step for w in windows if w.skipped]
-    return norms_chart(path, [w.step for w in windows], [w.grad_norm for w in windows], threshold=threshold,
-                       norm_post=[w.norm_post for w in windows] if run.logs_threshold else None,
-                       norm_max=[w.norm_max for w in windows] if sampled else None, spikes=spikes,
-                       skipped=skipped, nonfinite=report["nonfinite"]["steps"],
-                       title=f"{os.path.basename(os.path.abspath(run.path))}: pre-clip gradient norm vs threshold")
+    return _write_new(path, lambda tmp: norms_chart(
+        tmp, [w.step for w in windows], [w.grad_norm for w in windows], threshold=threshold,
+        norm_post=[w.norm_post for w in windows] if run.logs_threshold else None,
+        norm_max=[w.norm_max for w in windows] if sampled else None, spikes=spikes, skipped=skipped,
+        nonfinite=report["nonfinite"]["steps"],
+        title=f"{os.path.basename(os.path.abspath(run.path))}: pre-clip gradient norm vs threshold"))
 
 
 def build_report(path: str, threshold: Optional[float] = None, chart: Optional[str] = None) -> dict:

@@ -23,13 +23,18 @@ __all__ = ["Window", "Event", "Run", "load_run", "find_state", "read_spike_file"
 STATE_FILE = "trainer_state.json"
 SPIKE_FILE = "gradclip_spikes.jsonl"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+MAX_LINE = 4 * 1024 * 1024  # characters of one spike line (a record is a few kB): a longer one is skipped
 
 
 def _num(value: Any) -> Optional[float]:
-    """A logged number as a float (NaN/Inf kept), anything else (None, bool, text) as ``None``."""
+    """A logged number as a float (NaN/Inf kept), anything else (None, bool, text, an int too large for a
+    float) as ``None``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def _int(value: Any) -> Optional[int]:
@@ -73,6 +78,17 @@ _COUNT_KEYS = {"nonfinite": "gradclip/nonfinite_steps", "skipped": "gradclip/ski
                "spikes": "gradclip/spikes"}
 
 
+def _indices(value: Any, depth: int = 4) -> Optional[list]:
+    """A spike line's dataset indices (per process, per micro-batch: lists of ints or None, at most ``depth``
+    lists deep), else ``None``."""
+    def fits(node: Any, left: int) -> bool:
+        if node is None or (isinstance(node, int) and not isinstance(node, bool)):
+            return True
+        return isinstance(node, list) and left > 0 and all(fits(item, left - 1) for item in node)
+
+    return value if isinstance(value, list) and fits(value, depth) else None
+
+
 def _layers(value: Any) -> list[list]:
     """``[[name, norm], ...]`` pairs of a spike line, malformed pairs dropped."""
     pairs = value if isinstance(value, list) else []
@@ -110,7 +126,7 @@ class Event:
         skipped = obj.get("skipped") if isinstance(obj.get("skipped"), bool) else None
         return cls(event=_str(obj.get("event")), step=_int(obj.get("step")), kind=_str(obj.get("kind")),
                    action=_str(obj.get("action")), skipped=skipped, top_layers=_layers(obj.get("top_layers")),
-                   indices=batch.get("indices") if isinstance(batch.get("indices"), list) else None,
+                   indices=_indices(batch.get("indices")),
                    fingerprint=_str(batch.get("fingerprint")), text=_str(batch.get("text")), **floats)
 
 
@@ -180,7 +196,9 @@ def _read_state(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise ValueError(f"cannot read {path!r}: its JSON is nested too deeply for a Trainer state file") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError, an int of more than 4300 digits
         raise ValueError(f"cannot read {path!r}: {e}") from None
     if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
         raise ValueError(f"{path!r} has no 'log_history' list: it is not a Trainer state file.")
@@ -210,27 +228,54 @@ def _strategy(state: dict) -> Optional[str]:
         for item in (saved if isinstance(saved, list) else [saved]):
             if not isinstance(item, dict):
                 continue
-            run = item.get("run")
-            config = run.get("config") if isinstance(run, dict) else item.get("args", {}).get("config")
+            run, args = item.get("run"), item.get("args")
+            config = run.get("config") if isinstance(run, dict) else args.get("config") if isinstance(args, dict) else None
             if isinstance(config, dict) and isinstance(config.get("strategy"), str):
                 return config["strategy"]
     return None
 
 
+def _lines(f: Any) -> Any:
+    """``(number, line)`` of a text file; a line longer than :data:`MAX_LINE` characters as ``None``, never
+    held whole."""
+    number = 0
+    while True:
+        line = f.readline(MAX_LINE + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE and not line.endswith("\n"):
+            while line and not line.endswith("\n"):  # the rest of it, in bounded reads
+                line = f.readline(MAX_LINE + 1)
+            line = None
+        yield number, line
+
+
+def _parse_line(line: Optional[str]) -> tuple[Optional[dict], str]:
+    """A spike line as a dict, or ``None`` and why not."""
+    if line is None:
+        return None, f"longer than {MAX_LINE:,} characters"
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    except json.JSONDecodeError as e:
+        return None, f"not JSON ({e.msg})"
+    except ValueError as e:  # an int of more than 4300 digits
+        return None, f"not readable JSON ({e})"
+    return (obj, "") if isinstance(obj, dict) else (None, "not a JSON object")
+
+
 def read_spike_file(path: str) -> tuple[list[Event], list[str]]:
-    """The events of a ``gradclip_spikes.jsonl`` and one warning per line that is not a JSON object."""
+    """The events of a ``gradclip_spikes.jsonl`` and one warning per line that is not a JSON object (or not
+    readable: too long, nested too deeply)."""
     events, warnings = [], []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+        for number, line in _lines(f):
+            if line is not None and not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                obj, why = None, f"not JSON ({e.msg})"
-            else:
-                why = "not a JSON object"
-            if not isinstance(obj, dict):
+            obj, why = _parse_line(line)
+            if obj is None:
                 warnings.append(f"{path}:{number}: {why}; line skipped")
                 continue
             events.append(Event.from_json(obj))

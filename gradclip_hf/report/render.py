@@ -8,11 +8,20 @@ from typing import Any, Optional
 
 from .advice import g, pct
 
-__all__ = ["render_text", "to_json"]
+__all__ = ["render_text", "to_json", "terminal_safe"]
 
 MAX_EVENTS = 20   # spike-file events printed (all are in --json)
 TEXT_CHARS = 80   # of a batch's decoded text
 INDICES = 16      # dataset indices printed per event
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every character a terminal would act on (escape sequences, control and bidi characters,
+    newlines) written as a Python escape (``\\x1b``): strings from the files read (events, kinds, actions, layer
+    names, fingerprints, stop reasons, paths) cannot move the cursor, recolour or rewrite the screen."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def to_json(report: dict) -> str:
@@ -162,4 +171,4 @@ def render_text(report: dict) -> str:
         lines.append(f"chart: {report['chart']}")
     for w in report["warnings"]:
         lines.append(f"warning: {w}")
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)  # every line: whatever came from the files

@@ -5,7 +5,10 @@ it with ``torch.load(weights_only=False)`` would import transformers and acceler
 pickle names (a ``TrainingArguments`` pickle names ``accelerate.state.PartialState``, for one).
 :class:`_InertUnpickler` maps every class and function the pickle names to :class:`_Inert`, a plain
 record: nothing is imported and no code from the file runs; the arguments' plain fields
-(``max_grad_norm`` is a float) come back as attributes. It is still only read from the run's own folder.
+(``max_grad_norm`` is a float) come back as attributes. It is still only read from the run's own folder,
+and only up to :data:`MAX_BYTES` (the file, and its pickle once inflated: a real one is about 10 kB), so a
+zip bomb is refused before it inflates; whatever the file holds, a failure is a ``ValueError`` (the report
+then says so in a warning and assumes the Trainer default).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from typing import Any, Optional
 
 from .load import Run
 
-__all__ = ["read_max_grad_norm", "stock_threshold", "ARGS_FILE", "TRAINER_DEFAULT_THRESHOLD"]
+__all__ = ["read_max_grad_norm", "stock_threshold", "ARGS_FILE", "TRAINER_DEFAULT_THRESHOLD", "MAX_BYTES"]
 
 ARGS_FILE = "training_args.bin"
 TRAINER_DEFAULT_THRESHOLD = 1.0  # TrainingArguments.max_grad_norm's default
+MAX_BYTES = 4 * 1024 * 1024  # of training_args.bin and of its pickle once inflated (a real one: ~10 kB)
 
 
 class _Inert:
@@ -46,28 +50,45 @@ class _InertUnpickler(pickle.Unpickler):
         return None  # tensor storages (none in TrainingArguments)
 
 
+def _pickle_bytes(path: str) -> bytes:
+    """The ``data.pkl`` of a torch zip archive, read only up to :data:`MAX_BYTES` (ValueError beyond)."""
+    if os.path.getsize(path) > MAX_BYTES:
+        raise ValueError(f"it is {os.path.getsize(path):,} bytes, more than the {MAX_BYTES:,} read")
+    with zipfile.ZipFile(path) as archive:
+        entries = [i for i in archive.infolist() if i.filename.endswith("data.pkl")]
+        if len(entries) != 1:
+            raise ValueError(f"it holds {len(entries)} data.pkl files, not one")
+        if entries[0].file_size > MAX_BYTES:
+            raise ValueError(f"its pickle inflates to {entries[0].file_size:,} bytes, more than the {MAX_BYTES:,} read")
+        data = bytearray()
+        with archive.open(entries[0]) as f:  # in small reads, whatever the header says
+            while len(data) <= MAX_BYTES and (chunk := f.read(64 * 1024)):
+                data += chunk
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"its pickle inflates to more than the {MAX_BYTES:,} bytes read")
+    return bytes(data)
+
+
 def read_max_grad_norm(path: str) -> Optional[float]:
     """``max_grad_norm`` recorded in a ``torch.save``d ``TrainingArguments`` (``None``: not recorded; 0.0 for
     ``None``, which turns clipping off).
 
-    Raises ValueError when the file is not a torch zip archive with one pickle."""
+    Raises ValueError when the file is not a torch zip archive with one pickle of at most :data:`MAX_BYTES`, or
+    cannot be read (encrypted, an unknown compression, a broken pickle) or records a max_grad_norm that is no
+    float (an integer of 400 digits)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            if len(names) != 1:
-                raise ValueError(f"{path!r} holds {len(names)} data.pkl files, not one")
-            data = archive.read(names[0])
-        args = _InertUnpickler(io.BytesIO(data)).load()
-    except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, TypeError, AttributeError) as e:
-        raise ValueError(f"cannot read {path!r} as torch.save(TrainingArguments): {type(e).__name__}: {e}") from None
-    if not hasattr(args, "max_grad_norm"):
-        return None
-    value = args.max_grad_norm
-    if value is None:  # the Trainer does not clip
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
+        args = _InertUnpickler(io.BytesIO(_pickle_bytes(path))).load()
+        value = getattr(args, "max_grad_norm", _Inert)
+        if value is _Inert:
+            return None
+        if value is None:  # the Trainer does not clip
+            return 0.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value)
+    except Exception as e:  # noqa: BLE001  an untrusted file: whatever fails, it is unreadable (no code of it ran)
+        raise ValueError(f"cannot read {path!r} as torch.save(TrainingArguments): {type(e).__name__}: "
+                         f"{str(e)[:200]}") from None
 
 
 def stock_threshold(run: Run) -> tuple[Optional[float], str]:

@@ -109,8 +109,10 @@ EARLY_FAILURES = {
     "bad_value": ({"clip_strategy": "bogus"},
                   ["`clip_strategy` must be one of 'none', 'norm', 'value', 'agc', 'zscore', 'quantile', got 'bogus'"]),
     "unknown_key": ({"clip_stratgy": "zscore"}, ["unknown option(s) clip_stratgy", "clip_spike_action"]),
-    "no_threshold": ({"max_grad_norm": 0.0}, ["`clip_threshold` must be a number > 0, got None. It defaults to "
-                                              "max_grad_norm, which is 0 here"]),
+    "no_threshold": ({"max_grad_norm": 0.0, "clip_schedule": "cosine", "clip_threshold_final": 0.3},
+                     ["`clip_threshold` must be a number > 0 with schedule 'cosine', got None. It defaults to "
+                      "max_grad_norm"]),
+    "nan_max_grad_norm": ({"max_grad_norm": float("nan")}, ["`max_grad_norm` must be a number >= 0", "NaN"]),
 }
 
 

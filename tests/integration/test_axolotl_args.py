@@ -20,7 +20,8 @@ BAD = [dict(clip_strategy="bogus"), dict(clip_threshold=-1), dict(clip_threshold
        dict(clip_exclude=["("]), dict(clip_spike_action="skip"), dict(clip_schedule="cosine"),
        dict(clip_strategy="value"), dict(clip_piecewise_values=[1.0], clip_schedule="piecewise",
                                           clip_piecewise_boundaries=[5]),
-       dict(max_grad_norm=0.0), dict(clip_spike_factor=0)]
+       dict(max_grad_norm=math.nan), dict(max_grad_norm=0.0, clip_schedule="cosine", clip_threshold_final=0.3),
+       dict(clip_spike_factor=0)]
 
 
 # Axolotl mixes the plugin's model into its own config class, which has `max_grad_norm` (default None: unset)
@@ -50,7 +51,7 @@ def _args_error(options):
 @pytest.mark.parametrize("options", BAD, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_bad_values_fail_with_the_messages_of_the_training_arguments(options):
     expected = _args_error(options)
-    assert expected.startswith("`clip_")
+    assert expected.startswith(("`clip_", "`max_grad_norm`"))  # named as the user wrote it
     with pytest.raises(pydantic.ValidationError) as error:
         Merged(**options)
     assert expected in str(error.value)
@@ -74,9 +75,10 @@ def test_ignored_options_warn_with_the_clip_name():
 
 def test_max_grad_norm_unset_means_the_trainer_default():
     assert Merged().clip_threshold is None  # resolved to max_grad_norm=1.0 by the Trainer at train start
-    with pytest.raises(pydantic.ValidationError, match="clip_threshold"):
-        Merged(max_grad_norm=0.0)
-    assert Merged(max_grad_norm=0.0, clip_strategy="none").clip_strategy == "none"
+    assert Merged(max_grad_norm=0.0).clip_threshold is None  # no clipping, as the stock Trainer: norms measured
+    assert clip_config({"max_grad_norm": 0.0}).resolved_threshold(0.0) == math.inf
+    with pytest.raises(pydantic.ValidationError, match=r"`max_grad_norm` must be a number >= 0.*got nan\. NaN"):
+        Merged(max_grad_norm=math.nan)
 
 
 def test_unknown_keys_are_the_clip_keys_that_are_no_option():

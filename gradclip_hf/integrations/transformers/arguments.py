@@ -10,24 +10,25 @@ so ``HfArgumentParser`` gives ``--clip_strategy zscore --clip_spike_action skip 
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from dataclasses import MISSING, field, fields, make_dataclass
 from typing import Any, get_type_hints
 
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from ...config import ClipConfig, option_names
 from ...core import OptionError
+from ...core._checks import PREFIX, UnknownOptionError, suggest
 
-__all__ = ["GradClipTrainingArguments", "with_clip_options", "PREFIX", "argument_name"]
-
-PREFIX = "clip_"
+__all__ = ["GradClipTrainingArguments", "GradClipArgumentParser", "with_clip_options", "PREFIX", "argument_name"]
 
 
 def argument_name(option: str) -> str:
-    """The ``TrainingArguments`` field of a ``ClipConfig`` option: ``threshold`` -> ``clip_threshold``."""
-    return PREFIX + option
+    """The ``TrainingArguments`` field of a ``ClipConfig`` option: ``threshold`` -> ``clip_threshold`` (other
+    names, such as ``max_grad_norm``, are the Trainer's own: unchanged)."""
+    return PREFIX + option if option in ClipConfig.field_names() else option
 
 
 def _clip_fields() -> list[tuple[str, Any, Any]]:
@@ -71,11 +72,65 @@ def with_clip_options(base: type, name: str | None = None) -> type:
         raise TypeError(f"with_clip_options needs a TrainingArguments subclass, got {base!r}.")
     name = name or f"GradClip{base.__name__}"
     cls = make_dataclass(name, _clip_fields(), bases=(ClipArguments, base))
+    cls.__init__ = _suggesting_init(cls)
     cls.__module__ = sys._getframe(1).f_globals.get("__name__", __name__)
     cls.__doc__ = (f"``{base.__name__}`` with the gradient-clipping options of ``ClipConfig`` as ``clip_*`` fields "
                    f"(``clip_strategy``, ``clip_threshold``, ``clip_spike_action``, ...). ``clip_threshold`` "
                    f"defaults to ``max_grad_norm``; the Trainer's own clipping is off while the pack clips.")
     return cls
+
+
+
+
+def _suggesting_init(cls: type) -> Any:
+    """``cls``'s dataclass ``__init__``; a keyword that is no field: a ``ValueError`` with the closest name."""
+    dataclass_init = cls.__init__
+    known = [f.name for f in fields(cls) if f.init]
+
+    @functools.wraps(dataclass_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:
+            if key not in known:
+                raise UnknownOptionError(key, cls.__name__, known, prefixed=True)
+        dataclass_init(self, *args, **kwargs)
+
+    return __init__
+
+
+class GradClipArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` that answers a misspelt option with the closest one, instead of the stock "Some
+    specified arguments are not used" traceback: ``--clip_stratgy zscore`` exits with status 2 and
+    ``unrecognized argument --clip_stratgy: did you mean `clip_strategy`?``; ``parse_dict`` (and so
+    ``parse_json_file``/``parse_yaml_file``) raises a ``ValueError`` with the same suggestion. Use it in place of
+    ``HfArgumentParser`` (any dataclasses, e.g. ``GradClipTrainingArguments`` and your script's own)."""
+
+    def _known(self) -> list[str]:
+        return [f.name for dtype in self.dataclass_types for f in fields(dtype) if f.init]
+
+    def _unknown_message(self, names: list[str], form: str = "`{}`") -> str:
+        known = self._known()
+        return "; ".join(name + suggest(name, known, prefixed=True, form=form, fallback=" (see --help)")
+                         for name in names)
+
+    def parse_args_into_dataclasses(self, args: Any = None, return_remaining_strings: bool = False,
+                                    **kwargs: Any) -> tuple[Any, ...]:
+        *outputs, remaining = super().parse_args_into_dataclasses(args=args, return_remaining_strings=True, **kwargs)
+        if return_remaining_strings:
+            return (*outputs, remaining)
+        if remaining:
+            options = [r.split("=", 1)[0] for r in remaining if r.startswith("-")]
+            if options:
+                self.error("unrecognized argument " + self._unknown_message(options, form="--{}"))
+            self.error(f"unrecognized arguments: {' '.join(remaining)}")
+        return tuple(outputs)
+
+    def parse_dict(self, args: dict[str, Any], allow_extra_keys: bool = False) -> tuple[Any, ...]:
+        if not allow_extra_keys:
+            known = set(self._known())
+            unknown = [key for key in args if key not in known]
+            if unknown:
+                raise ValueError(f"unknown option {self._unknown_message(unknown)}")
+        return super().parse_dict(args, allow_extra_keys=allow_extra_keys)
 
 
 GradClipTrainingArguments = with_clip_options(TrainingArguments, "GradClipTrainingArguments")

@@ -15,11 +15,12 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 
 from ...config import ClipConfig, option_names
-from ...core import GradClipper, OptionError
+from ...core import GradClipper, OptionError, StateError
+from ...core._checks import UnknownOptionError
 from . import compat
 from .batches import IndexRecord
 from .reporting import is_layer_key, logger
-from .run import ClipRun, check_trainer, deepspeed_engine
+from .run import RESET_HINT, ClipRun, check_trainer, deepspeed_engine
 from .wandb_glue import WandbGlue
 
 __all__ = ["GradClipCallback", "ClipSession", "ConsoleTrim", "release"]
@@ -98,12 +99,12 @@ def _as_config(config: Any, options: dict[str, Any]) -> Optional[ClipConfig]:
     if options:
         if config is not None:
             raise OptionError("config", config, "None when ClipConfig options are given as keywords")
-        unknown = sorted(set(options) - set(ClipConfig.field_names()))
-        if unknown:
-            raise OptionError("options", unknown, f"ClipConfig fields ({', '.join(ClipConfig.field_names())})")
+        for key in options:
+            if key not in ClipConfig.field_names():
+                raise UnknownOptionError(key, "GradClipCallback", ClipConfig.field_names())
         return ClipConfig(**options)
     if isinstance(config, dict):
-        return ClipConfig(**config)
+        return ClipConfig.from_dict(config, owner="ClipConfig (GradClipCallback's config dict)")
     if config is not None and not isinstance(config, ClipConfig):
         raise OptionError("config", config, "a ClipConfig, a dict of its options, or None")
     return config
@@ -181,6 +182,12 @@ class GradClipCallback(TrainerCallback, ExportableState):
         return {"args": {"_restore": True}, "attributes": {}, "run": self.session.state()}
 
     # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, **kwargs):
+        """At the Trainer's construction: ``max_grad_norm`` with the options (NaN refused, naming it)."""
+        if self.session.config is not None and self.session.user_clipper is None:
+            self.session.config.resolved_threshold(getattr(args, "max_grad_norm", None) or 0.0)
+        return control
+
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
         session = self.session
         trainer = session.trainer if session.bound else (compat.find_trainer() or session.trainer)
@@ -254,19 +261,29 @@ def _apply_stop(run: ClipRun, control: Any) -> None:
 
 
 def _restore_state(run: ClipRun, state: Any, name: str) -> None:
-    """On resume, our statistics from the checkpoint's ``trainer_state.json`` (checked field by field)."""
+    """On resume, our statistics from the checkpoint's ``trainer_state.json`` (checked field by field; an entry
+    that is not the pack's raises ``StateError``; ``reset_statistics``: not loaded)."""
     if not state.global_step:
         return
-    saved = (state.stateful_callbacks or {}).get(name)
+    source = f"the trainer_state.json of the checkpoint at step {state.global_step} (stateful_callbacks['{name}'])"
+    callbacks = state.stateful_callbacks or {}
+    saved = callbacks.get(name) if isinstance(callbacks, dict) else None
     if isinstance(saved, list):
         saved = saved[-1] if saved else None
-    run_state = saved.get("run", saved.get("runner")) if isinstance(saved, dict) else None
+    if saved is not None and not isinstance(saved, dict):
+        raise StateError(name, saved, "a dict (the entry the pack saves)", f"{source}; {RESET_HINT}")
+    run_state = saved.get("run", saved.get("runner")) if saved is not None else None
+    if run_state is not None and not isinstance(run_state, dict):
+        raise StateError(f"{name}.run", run_state, "a dict", f"{source}; {RESET_HINT}")
+    if run.config.reset_statistics and run_state:
+        logger.warning("gradclip: reset_statistics is set: the gradclip state of the checkpoint at step %d is not "
+                       "loaded; the clipping statistics start fresh.", state.global_step)
+        return
     if not run_state:
         logger.warning("gradclip: the checkpoint at step %d holds no gradclip state (written without the pack, or "
                        "before its first step): the clipping statistics start fresh.", state.global_step)
         return
-    run.load_state_dict(run_state, source=f"the trainer_state.json of the checkpoint at step {state.global_step} "
-                                          f"(stateful_callbacks['{name}'])")
+    run.load_state_dict(run_state, source=source)
 
 
 # ---------------------------------------------------------------------- instance wrapping (bare callback)

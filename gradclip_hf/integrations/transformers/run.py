@@ -14,17 +14,21 @@ from typing import Any
 
 import torch
 
-from ...config import ClipConfig
+from ...config import ClipConfig, check_max_grad_norm
 from ...core import ClipReport, GradClipper, SpikeEvent, StateError
 from ..optim import StepGate
 from . import compat
 from .actions import StepActions, logger
+from ...core._checks import check_int, state_field
 from ...core._state import to_host
 from .metrics import MetricsWindow, StepLoss
 from .records import EventRecorder
 from .reporting import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages
 
-__all__ = ["ClipRun", "check_trainer"]
+__all__ = ["ClipRun", "check_trainer", "RESET_HINT"]
+
+RESET_HINT = ("to start the statistics fresh instead, set reset_statistics=True (clip_reset_statistics in "
+              "GradClipTrainingArguments, on the command line and in the Axolotl YAML)")
 
 
 def check_trainer(trainer: Any, owner: str) -> None:
@@ -65,8 +69,8 @@ class ClipRun:
                  max_grad_norm: float | None = None):
         self.config, self.given_config, self.owner = config or ClipConfig(), config, owner
         self.state, self.open = state, True  # the TrainerState of this run; open until train() leaves
-        if max_grad_norm is None:
-            max_grad_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+        if max_grad_norm is None:  # None in TrainingArguments: no clipping, as 0 (checked in build)
+            max_grad_norm = getattr(args, "max_grad_norm", None) or 0.0
         if clipper is None:
             total = int(getattr(state, "max_steps", 0) or 0) or None
             self.clipper = self.config.build(total, max_grad_norm)
@@ -102,15 +106,18 @@ class ClipRun:
         self._unreported: dict[str, float] | None = None
         self._clipped_step: int | None = None
 
-    def _describe_threshold(self, max_grad_norm: float) -> str:
+    def _describe_threshold(self, max_grad_norm: Any) -> str:
         c = self.config
         threshold = c.resolved_threshold(max_grad_norm)
         if c.threshold is not None:
             source = "set on the pack"
         elif threshold is None:
             source = "none: the strategy sets its own"
+        elif math.isinf(threshold):
+            off = "no cap" if c.strategy == "zscore" else "no clipping, norms measured"
+            source = f"max_grad_norm={check_max_grad_norm(max_grad_norm):g}: {off}"
         else:
-            source = f"from max_grad_norm={max_grad_norm:g}" if max_grad_norm > 0 else "max_grad_norm is 0: no cap"
+            source = f"from max_grad_norm={threshold:g}"
         shown = "none" if threshold is None or math.isinf(threshold) else f"{threshold:g}"
         return f"strategy {c.strategy}, threshold {shown} ({source})"
 
@@ -277,23 +284,21 @@ class ClipRun:
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         """Restore :meth:`state_dict`'s output, every field checked; ``StateError`` names the field, the value
-        and ``source`` (where it came from) and says how to start the statistics fresh."""
+        and ``source`` (where it came from) and says how to start the statistics fresh (``reset_statistics``)."""
         try:
-            if not isinstance(state, dict) or "clipper" not in state:
-                raise StateError("clipper", state, "present (a dict)")
+            if not isinstance(state, dict) or not isinstance(state.get("clipper"), dict):
+                raise StateError("clipper", state.get("clipper", state) if isinstance(state, dict) else state,
+                                 "present (a dict)")
             try:
-                self.clipper.load_state_dict(copy.deepcopy(state["clipper"]))
+                clipper_state = copy.deepcopy(state["clipper"])
+            except RecursionError:
+                raise StateError("clipper", "<nested too deeply>", "a clipper state") from None
+            try:
+                self.clipper.load_state_dict(clipper_state)
             except StateError as error:
                 raise error.within("clipper") from None
-            for key, target in (("skipped_steps", "skipped_steps"), ("rollbacks", "rollbacks"),
-                                ("events_seen", "events_seen")):
-                value = state.get(key, 0)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise StateError(key, value, "an int >= 0")
-            self.skipped_steps = state.get("skipped_steps", 0)
-            self.actions.rollbacks = state.get("rollbacks", 0)
-            self.messages.seen = state.get("events_seen", 0)
+            counts = {key: state_field(state, key, check_int, low=0, high=2**53) if key in state else 0
+                      for key in ("skipped_steps", "rollbacks", "events_seen")}
+            self.skipped_steps, self.actions.rollbacks, self.messages.seen = counts.values()
         except StateError as error:
-            raise StateError(f"run.{error.field}", error.value, error.allowed,
-                             f"{source}; to start the statistics fresh instead, delete the "
-                             f"'GradClipCallback' entry of its stateful_callbacks") from None
+            raise StateError(f"run.{error.field}", error.value, error.allowed, f"{source}; {RESET_HINT}") from None

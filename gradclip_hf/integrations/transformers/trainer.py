@@ -16,12 +16,10 @@ __all__ = ["GradClipMixin", "GradClipTrainer", "config_from_args"]
 
 def config_from_args(args: Any) -> ClipConfig:
     """The options of ``args``: ``clip_*`` fields (``GradClipTrainingArguments``), else the drop-in of plain
-    ``TrainingArguments``: norm clipping at ``max_grad_norm``, measure only when it is 0 (as the stock Trainer)."""
+    ``TrainingArguments``: norm clipping at ``max_grad_norm`` (0 or inf: measure only, as the stock Trainer)."""
     if hasattr(args, "clip_config"):
         return args.clip_config()
-    if (getattr(args, "max_grad_norm", 0.0) or 0.0) > 0:
-        return ClipConfig()
-    return ClipConfig(strategy="none")
+    return ClipConfig()
 
 
 class GradClipMixin:
@@ -54,6 +52,8 @@ class GradClipMixin:
                                  f"arguments' {', '.join(set_fields)}. Pass them in one place.")
         if clipper is None and clip_config is None:
             clip_config = config_from_args(self.args)
+        if clipper is None:  # max_grad_norm with the options, now (NaN refused, naming it)
+            clip_config.resolved_threshold(getattr(self.args, "max_grad_norm", None) or 0.0)
         callback = GradClipCallback(config=clip_config, clipper=clipper).bind(self)
         callback.session.owner = type(self).__name__
         self._gradclip_callback = callback
