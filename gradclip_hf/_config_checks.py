@@ -17,11 +17,12 @@ if TYPE_CHECKING:
 
 def check_max_grad_norm(value: Any) -> float:
     """The Trainer's ``max_grad_norm`` as the pack reads it: 0.0 for 0 and ``None`` (no clipping), ``inf`` for
-    ``inf`` and values above the float32 maximum (no clipping: torch's clip coefficient is 1 there), else the
-    number. NaN, negative values and non-numbers raise :class:`OptionError` naming ``max_grad_norm``."""
+    ``inf`` and values above the float32 maximum (no clipping: torch's clip coefficient is 1 there), 0.0 for
+    negative values (the stock Trainer clips only when ``max_grad_norm > 0``: scripts pass -1 to turn it off),
+    else the number. NaN and non-numbers raise :class:`OptionError` naming ``max_grad_norm``."""
     if value is None:
         return 0.0
-    allowed = "a number >= 0 (0 or inf: no clipping, norms still measured)"
+    allowed = "a number (0, negative or inf: no clipping, norms still measured)"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OptionError("max_grad_norm", value, allowed)
     try:
@@ -32,7 +33,7 @@ def check_max_grad_norm(value: Any) -> float:
         raise OptionError("max_grad_norm", value, allowed, "NaN is not a threshold (the stock Trainer would not clip "
                           "without saying so): pass 0 to turn clipping off.")
     if value < 0:
-        raise OptionError("max_grad_norm", value, allowed)
+        return 0.0
     return math.inf if value > FLOAT32_MAX else value
 
 

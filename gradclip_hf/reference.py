@@ -33,9 +33,9 @@ def options_markdown() -> str:
              "`GradClipArgumentParser` (an `HfArgumentParser`) for the same suggestion and exit status 2",
              "(`--clip_stratgy`: did you mean `--clip_strategy`?) instead of the stock parser's \"Some specified",
              "arguments are not used\" traceback.", "",
-             "`max_grad_norm` (the Trainer's) is read as the stock Trainer reads it: 0 (or `None`), `inf` and",
-             "values above the float32 maximum turn clipping off (norms still measured and logged, spike actions",
-             "still act); NaN, negative numbers and non-numbers are refused when the arguments or the Trainer are",
+             "`max_grad_norm` (the Trainer's) is read as the stock Trainer reads it: 0 (or `None`), a negative",
+             "number, `inf` and values above the float32 maximum turn clipping off (norms still measured and logged,",
+             "spike actions still act); NaN and non-numbers are refused when the arguments or the Trainer are",
              "built, naming `max_grad_norm` (docs/trainer.md).", "",
              "| flag | default | what it does |", "|---|---|---|"]
     for f in fields(ClipConfig):

@@ -112,7 +112,7 @@ EARLY_FAILURES = {
     "no_threshold": ({"max_grad_norm": 0.0, "clip_schedule": "cosine", "clip_threshold_final": 0.3},
                      ["`clip_threshold` must be a number > 0 with schedule 'cosine', got None. It defaults to "
                       "max_grad_norm"]),
-    "nan_max_grad_norm": ({"max_grad_norm": float("nan")}, ["`max_grad_norm` must be a number >= 0", "NaN"]),
+    "nan_max_grad_norm": ({"max_grad_norm": float("nan")}, ["`max_grad_norm` must be a number", "NaN"]),
 }
 
 

@@ -37,12 +37,12 @@ def test_a_config_dict_with_an_unknown_key_fails_like_the_keyword_form():
 
 
 def test_the_axolotl_keys_refuse_a_max_grad_norm_that_is_no_number_naming_it():
-    for value in ("x", [1.0], math.nan, -1.0):
-        with pytest.raises(ValueError, match=r"`max_grad_norm` must be a number >= 0") as error:
+    for value in ("x", [1.0], math.nan):
+        with pytest.raises(ValueError, match=r"`max_grad_norm` must be a number") as error:
             clip_config({"max_grad_norm": value, "clip_strategy": "norm"})
         assert not isinstance(error.value, TypeError) or isinstance(error.value, OptionError)
     Merged = pydantic.create_model("Merged", __base__=GradClipArgs, max_grad_norm=(object, None))  # no type check first
-    with pytest.raises(pydantic.ValidationError, match=r"`max_grad_norm` must be a number >= 0 .*got 'x'"):
+    with pytest.raises(pydantic.ValidationError, match=r"`max_grad_norm` must be a number .*got 'x'"):
         Merged(max_grad_norm="x")
 
 
