@@ -104,9 +104,10 @@ class SpikeMessages:
     once per run of consecutive spike steps (:func:`gradclip_hf.spikeruns.describe_run`), at most
     ``MAX_MESSAGES`` runs per read, then one line for the rest.
 
-    A run that goes on past a logging step is said again only when it has doubled since it was last said
-    (a 20-step burst read every step: lines at 1, 2, 4, 8 and 16 steps, not 20). ``listed``: the steps that
-    ``clip_skip_steps``/``clip_skip_steps_from`` skip (their spikes are said to be skipped for that reason).
+    A run that goes on past a logging step is said again when it has doubled since it was last said (a
+    20-step burst read every step: lines at 1, 2, 4, 8 and 16 steps, not 20), or when it is seen to end (a
+    later run in the same read). The spike file and ``gradclip-hf report`` have every step. ``listed``: the
+    steps ``clip_skip_steps``/``clip_skip_steps_from`` skip (their spikes are said to be skipped for that).
     """
 
     def __init__(self, clipper: Any, owner: str, listed: Collection[int] = ()):
@@ -144,7 +145,8 @@ class SpikeMessages:
         if self._open and self._continues(first):
             runs = runs[1:]
             self._open += first
-            if len(self._open) >= 2 * self._said:
+            ended = bool(runs)  # another run follows in this read: this one is over, say its whole extent
+            if len(self._open) >= 2 * self._said or (ended and len(self._open) > self._said):
                 logger.warning("gradclip: %s", describe_run(self._open))
                 self._said, said = len(self._open), 1
         for run in runs[:MAX_MESSAGES - said]:
