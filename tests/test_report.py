@@ -277,7 +277,8 @@ def test_a_burst_is_a_few_report_lines(tmp_path):
         "      top layers: base_model.q_proj.lora_B 2-3, base_model.v_proj.lora_B 1.5",
         "      batch of step 61 (the first): indices [[244,245]]; fingerprint 000000000000003d; text '\\x00\\x01'"]
     assert "skipped updates: 20 logged; steps 61-80" in text
-    assert "norm outliers (> 6 sigma above the 50 logged values before): 61-80 (20 steps, 3-5, update skipped)" in text
+    assert "norm outliers (> 6 sigma above the 50 logged values before): 61-80 (20 steps, 3-5, update skipped)" \
+        in text
 
 
 def test_a_rerun_writes_its_steps_again_and_the_report_keeps_the_last(tmp_path):
@@ -341,6 +342,12 @@ def test_corrupt_state_and_missing_keys(tmp_path):
         build_report(str(run))
     (run / "trainer_state.json").write_text(json.dumps({"log_history": [{"loss": 1.0, "step": 1}]}))
     with pytest.raises(ValueError, match=r"1 log entries but none with a 'grad_norm'"):
+        build_report(str(run))
+    # the README's mistake: 300 steps under the Trainer's default logging_steps=500 log no training step
+    state = {"log_history": [{"train_runtime": 9.0, "step": 300}], "global_step": 300, "logging_steps": 500}
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"logging_steps is 500 but this state stops at step 300: the Trainer logs "
+                                         r"every logging_steps steps \(default 500\), so it never logged; set logging_steps"):
         build_report(str(run))
 
 

@@ -16,7 +16,8 @@ def burst(first=61, n=20, action="skip", **kw):
 def test_a_burst_is_one_run_and_one_line():
     runs = group_runs(burst())
     assert len(runs) == 1 and len(runs[0]) == 20
-    assert describe_run(runs[0]) == "steps 61-80: 20 loss spikes, loss 7.21-7.45 against 2.47 (37-39 sigma); updates skipped"
+    assert describe_run(runs[0]) == ("steps 61-80: 20 loss spikes, loss 7.21-7.45 against 2.47 (37-39 sigma); "
+                                     "updates skipped")
 
 
 def test_one_spike_reads_as_one():

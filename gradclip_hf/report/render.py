@@ -77,7 +77,8 @@ def _table(r: dict) -> list[str]:
     if out.get("steps"):
         what = " and ".join(x for x in (f"{out['skipped']} skipped" if out["skipped"] else "",
                                          f"{out['nonfinite']} non-finite" if out["nonfinite"] else "") if x)
-        norms = f"; norms {_opt(out['norm_min'])}-{_opt(out['norm_max'])}" if out["norm_min"] is not None else ""
+        low, high = _opt(out["norm_min"]), _opt(out["norm_max"])
+        norms = "" if out["norm_min"] is None else f"; norm {low}" if low == high else f"; norms {low}-{high}"
         lines.append(f"  left out of the clip rate and the percentiles: {out['steps']} flagged step(s)"
                      f"{' (' + what + norms + ')' if what or norms else ''}, listed under spikes below; "
                      "a skipped update was not clipped, the optimizer got nothing")
