@@ -50,3 +50,43 @@ def test_tightening_norm_spikes_and_mixed_kinds():
 def test_listed_spikes_say_why_they_were_skipped():
     [run] = group_runs(burst(n=4, action="tighten", listed=True))
     assert describe_run(run).endswith("; updates skipped (listed in clip_skip_steps / clip_skip_steps_from)")
+
+
+
+def read_as_logging_steps(losses, reads, caplog):
+    """A real clipper with ``recommended()``'s spike controller over the step ``losses``; the spike messages read
+    after each 0-based step of ``reads``: ``{step: [where each line says, ...]}``, and the events read."""
+    import logging
+
+    import torch
+
+    from gradclip_hf.config import ClipConfig
+    from gradclip_hf.core._state import to_host
+    from gradclip_hf.integrations.transformers.reporting import SpikeMessages, logger
+
+    clipper = ClipConfig.recommended(spike_warmup_steps=5).build(None, 1.0)
+    messages, model, said = SpikeMessages(clipper, "test"), torch.nn.Linear(2, 2), {}
+    logger.addHandler(caplog.handler)  # the `transformers` logger does not propagate to the root's handler
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            for step, loss in enumerate(losses):
+                for p in model.parameters():
+                    p.grad = torch.full_like(p, 0.1)
+                clipper.clip_(model, step=step, loss=torch.tensor(loss))
+                if step in reads:
+                    caplog.clear()
+                    messages.show(to_host(messages.tensors()), "skip")
+                    said[step] = [r.getMessage().split(":")[1].strip() for r in caplog.records]
+    finally:
+        logger.removeHandler(caplog.handler)
+    return said, [e.step for e in messages.events]
+
+
+def test_the_console_says_a_run_once_then_when_it_doubled_or_ended(caplog):
+    bad = set(range(30, 40)) | {45, 46}  # 0-based: train/global_step 31-40 and 46-47
+    losses = [9.0 if step in bad else 2.0 + 0.01 * (step % 3) for step in range(48)]
+    said, events = read_as_logging_steps(losses, (32, 35, 47), caplog)  # logging steps 33, 36 and 48
+    assert said == {32: ["steps 31-33"],  # a new run: said at once
+                    35: ["steps 31-36"],  # it doubled (3 -> 6)
+                    47: ["steps 31-40", "steps 46-47"]}  # it ended (another run follows): said whole, once
+    assert events == [31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 46, 47]

@@ -12,13 +12,13 @@ Keys logged here (x axis ``train/global_step``, the Trainer's step metric):
 ==================================  ===================================================================
 ``gradclip/layer_norms``            ``wandb.Histogram`` of the per-layer pre-clip norms of the last step,
                                     every ``histogram_every`` logging steps
-``gradclip/spike_events``           ``wandb.Table`` of every spike so far (step, kind, loss, z, factor,
-                                    top layers, the batch's indices or fingerprint and text), logged when
-                                    new spikes were read
+``gradclip/spike_events``           ``wandb.Table`` of every spike so far, one row per step (step, kind,
+                                    loss, z, factor, the step's top layers, the batch's indices or
+                                    fingerprint and text), logged when new spikes were read
 ``gradclip/norms_over_run``         at train end: a line chart of pre-clip norm (last and max of each
                                     window), post-clip norm and threshold over the run
-``run.alert``                       a rate-limited WARN alert for spikes, an ERROR alert when the pack
-                                    stops training
+``run.alert``                       a rate-limited WARN alert for spikes (one line per run of consecutive
+                                    spike steps), an ERROR alert when the pack stops training
 ==================================  ===================================================================
 """
 
@@ -91,6 +91,22 @@ def _layers_text(pairs: Sequence[Sequence[Any]]) -> str:
     """``"lm_head.weight=3.5, ..."`` from a record's ``top_layers``."""
     return ", ".join(f"{name}={value:.3g}" if isinstance(value, (int, float)) else f"{name}=nan"
                      for name, value in pairs)
+
+
+def _table_rows(events: Sequence[Any], records: Sequence[dict], spike_layers: Sequence[tuple[str, float]]) -> list:
+    """Spike-table rows: each step's top layers from its record in the spike file (``spike_layers``, the
+    window's last spike, for a step without one), and its batch."""
+    by_step = {r["step"]: r for r in records if r.get("event") == "spike"}
+    rows = []
+    for event in events:
+        record = by_step.get(event.step)
+        top = _layers_text(record["top_layers"]) if record and record.get("top_layers") else ""
+        if not top and event is events[-1]:
+            top = ", ".join(f"{n}={v:.3g}" for n, v in spike_layers)
+        rows.append([event.step, event.kind, _finite(event.loss), _finite(event.loss_baseline), _finite(event.loss_z),
+                     _finite(event.norm), _finite(event.norm_baseline), _finite(event.norm_z), event.factor_before,
+                     event.factor_after, top, batch_summary(record)])
+    return rows
 
 
 def _finite(value: float) -> float | None:
@@ -171,17 +187,7 @@ class WandbReporter:
         new = list(events[self._events_seen:])
         self._events_seen = len(events)
         if new:
-            by_step = {r["step"]: r for r in records if r.get("event") == "spike"}
-            for event in new:
-                record = by_step.get(event.step)
-                top = _layers_text(record["top_layers"]) if record and record.get("top_layers") else ""
-                if not top and event is new[-1]:
-                    top = ", ".join(f"{n}={v:.3g}" for n, v in spike_layers)
-                self._rows.append([event.step, event.kind, _finite(event.loss), _finite(event.loss_baseline),
-                                   _finite(event.loss_z), _finite(event.norm), _finite(event.norm_baseline),
-                                   _finite(event.norm_z), event.factor_before, event.factor_after, top,
-                                   batch_summary(record)])
-            self._rows = self._rows[-MAX_TABLE_ROWS:]
+            self._rows = (self._rows + _table_rows(new, records, spike_layers))[-MAX_TABLE_ROWS:]
             extra[f"{SECTION}/spike_events"] = wandb.Table(columns=spike_table_columns(), data=list(self._rows))
             self.logged["tables"] += 1
             self._pending_alert.extend(new)

@@ -4,6 +4,7 @@ threshold suits it.
 Reads ``trainer_state.json`` (the Trainer's ``log_history``) and, when there, ``gradclip_spikes.jsonl``;
 works on runs of the stock Trainer (``grad_norm`` only) and of this pack (``gradclip/*``). See
 :mod:`.load` (what is read, where from), :mod:`.stats` (percentiles, phases, clip rates, outliers),
+:mod:`.flagged` (skipped and non-finite steps, reported apart; runs of consecutive spike events),
 :mod:`.advice` (the threshold rules), :mod:`.training_args` (a stock run's ``max_grad_norm``) and
 ``docs/report.md``.
 
