@@ -3,6 +3,8 @@ W&B alert and ``gradclip-hf report`` print for a burst, closed-form cases."""
 
 from __future__ import annotations
 
+import logging
+
 from gradclip_hf.spikeruns import Flagged, describe_run, group_runs
 
 
@@ -53,11 +55,21 @@ def test_listed_spikes_say_why_they_were_skipped():
 
 
 
-def read_as_logging_steps(losses, reads, caplog):
+
+class Lines(logging.Handler):
+    """The messages a logger emits (its own handler: `transformers` may or may not propagate to the root's)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def read_as_logging_steps(losses, reads):
     """A real clipper with ``recommended()``'s spike controller over the step ``losses``; the spike messages read
     after each 0-based step of ``reads``: ``{step: [where each line says, ...]}``, and the events read."""
-    import logging
-
     import torch
 
     from gradclip_hf.config import ClipConfig
@@ -65,27 +77,26 @@ def read_as_logging_steps(losses, reads, caplog):
     from gradclip_hf.integrations.transformers.reporting import SpikeMessages, logger
 
     clipper = ClipConfig.recommended(spike_warmup_steps=5).build(None, 1.0)
-    messages, model, said = SpikeMessages(clipper, "test"), torch.nn.Linear(2, 2), {}
-    logger.addHandler(caplog.handler)  # the `transformers` logger does not propagate to the root's handler
+    messages, model, said, lines = SpikeMessages(clipper, "test"), torch.nn.Linear(2, 2), {}, Lines()
+    logger.addHandler(lines)
     try:
-        with caplog.at_level(logging.WARNING, logger=logger.name):
-            for step, loss in enumerate(losses):
-                for p in model.parameters():
-                    p.grad = torch.full_like(p, 0.1)
-                clipper.clip_(model, step=step, loss=torch.tensor(loss))
-                if step in reads:
-                    caplog.clear()
-                    messages.show(to_host(messages.tensors()), "skip")
-                    said[step] = [r.getMessage().split(":")[1].strip() for r in caplog.records]
+        for step, loss in enumerate(losses):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.1)
+            clipper.clip_(model, step=step, loss=torch.tensor(loss))
+            if step in reads:
+                lines.messages.clear()
+                messages.show(to_host(messages.tensors()), "skip")
+                said[step] = [m.split(":")[1].strip() for m in lines.messages]
     finally:
-        logger.removeHandler(caplog.handler)
+        logger.removeHandler(lines)
     return said, [e.step for e in messages.events]
 
 
-def test_the_console_says_a_run_once_then_when_it_doubled_or_ended(caplog):
+def test_the_console_says_a_run_once_then_when_it_doubled_or_ended():
     bad = set(range(30, 40)) | {45, 46}  # 0-based: train/global_step 31-40 and 46-47
     losses = [9.0 if step in bad else 2.0 + 0.01 * (step % 3) for step in range(48)]
-    said, events = read_as_logging_steps(losses, (32, 35, 47), caplog)  # logging steps 33, 36 and 48
+    said, events = read_as_logging_steps(losses, (32, 35, 47))  # logging steps 33, 36 and 48
     assert said == {32: ["steps 31-33"],  # a new run: said at once
                     35: ["steps 31-36"],  # it doubled (3 -> 6)
                     47: ["steps 31-40", "steps 46-47"]}  # it ended (another run follows): said whole, once
