@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]  # docs/recipes/ too
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
 
 
@@ -24,13 +24,14 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
 
 
 def test_blocks_are_found():
-    counts = {p.name: len(python_blocks(p)) for p in FILES}
+    counts = {str(p.relative_to(ROOT)): len(python_blocks(p)) for p in FILES}
     assert counts["README.md"] >= 2, counts
+    assert counts["docs/recipes/lora.md"] >= 3 and counts["docs/recipes/pretraining.md"] >= 2, counts
     assert sum(counts.values()) >= 10, counts
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [p for p in FILES if python_blocks(p)], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in FILES if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_python_block_runs(path, tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)

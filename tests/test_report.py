@@ -213,6 +213,115 @@ def test_notes_come_with_too_few_norms(tmp_path):
     assert "only 0 finite gradient norm(s) logged (and 3 non-finite)" in r["advice"][0]["message"]
 
 
+# ---------------------------------------------------------------------------------------------- skipped steps
+BURST = range(61, 81)  # steps (as train/global_step names them) of 20 bad batches whose updates were skipped
+
+
+def lora_burst(logging_steps=1, steps=130, threshold=1.0):
+    """What a LoRA run of the pack logs (issue 23): clean adapter norms 0.2-0.34, never near the threshold of
+    1.0, and a burst of 20 loss spikes at steps 61-80 (norms 3-5) whose updates were skipped; the logged
+    gradclip/clip_rate counts every step whose norm was above the threshold, skipped ones too. Returns the
+    log_history and the spike file's lines."""
+    norm = {s: 0.2 + 0.14 * ((s * 7) % 10) / 9 for s in range(1, steps + 1)}
+    norm.update({s: 3.0 + 2.0 * ((s * 3) % 7) / 6 for s in BURST})
+    history = []
+    for last in range(logging_steps, steps + 1, logging_steps):
+        window = range(last - logging_steps + 1, last + 1)
+        skipped = sum(s in BURST for s in window)
+        history.append({"loss": 7.3 if last in BURST else 2.47, "grad_norm": norm[last], "step": last,
+                        "gradclip/norm_max": max(norm[s] for s in window),
+                        "gradclip/norm_post": 0.0 + min(norm[last], threshold),
+                        "gradclip/threshold": threshold,
+                        "gradclip/clip_rate": sum(norm[s] > threshold for s in window) / logging_steps,
+                        "gradclip/nonfinite_steps": 0, "gradclip/skipped_steps": skipped, "gradclip/spikes": skipped,
+                        "gradclip/spike_factor": 1.0})
+    lines = [json.dumps({"event": "spike", "step": s, "kind": "loss", "action": "skip", "skipped": True,
+                         "loss": 7.21 + 0.24 * i / 19, "loss_baseline": 2.47, "loss_z": 37 + 2 * i / 19,
+                         "norm": norm[s], "threshold": threshold, "threshold_before": threshold,
+                         "threshold_after": threshold, "top_layers": [["base_model.q_proj.lora_B", 2.0 + i / 19],
+                                                                      ["base_model.v_proj.lora_B", 1.5]],
+                         "batch": {"indices": [[s * 4, s * 4 + 1]], "fingerprint": f"{s:016x}", "text": "\x00\x01"}})
+             for i, s in enumerate(BURST)]
+    return history, lines, norm
+
+
+def test_skipped_spike_steps_are_left_out_of_the_clip_rate_and_the_percentiles(tmp_path):
+    history, lines, norm = lora_burst()
+    raw = np.mean([h["gradclip/clip_rate"] for h in history[13:]])
+    assert 0 < raw < rules.OFTEN  # counted the old way, the skipped spikes made the threshold look as if it "suits"
+    r = report_of(tmp_path, history, spike_lines=lines)
+    s = r["steady"]
+    clean = [norm[step] for step in range(14, 131) if step not in BURST]
+    assert s["clip_rate"] == 0 and s["flagged"] == 20 and s["n"] == len(clean)
+    assert [s["p50"], s["p99"], s["max"]] == pytest.approx([np.percentile(clean, 50), np.percentile(clean, 99),
+                                                            max(clean)])
+    assert r["left_out"]["steps"] == 20 and r["left_out"]["skipped"] == 20
+    assert r["left_out"]["norm_min"] == min(norm[s] for s in BURST)
+    advice = r["advice"][0]
+    assert advice["rule"] == "never_acted" and rules.suits(r) is None
+    assert "never acted on an applied update" in advice["message"] and "spikes at steps 61-80" in advice["message"]
+    assert advice["suggested_threshold"] == float(f"{np.percentile(clean, 99):.2g}")
+    assert [o["skipped"] for o in r["outliers"]["norm"]] and all(o["skipped"] for o in r["outliers"]["norm"])
+    assert rules.unclipped_outliers(r) is None  # a skipped outlier did not pass
+
+
+def test_a_burst_is_a_few_report_lines(tmp_path):
+    history, lines, _ = lora_burst()
+    text = render_text(report_of(tmp_path, history, spike_lines=lines))
+    spikes = text[text.index("\nspikes:"):text.index("\nskipped updates:")].strip().splitlines()
+    assert spikes == [
+        "spikes: 20 (logged gradclip/spikes)",
+        "  20 flagged step(s) in the spike file, in 1 run(s) of consecutive steps (--json and the file have one "
+        "entry per step):",
+        "  steps 61-80: 20 loss spikes, loss 7.21-7.45 against 2.47 (37-39 sigma); updates skipped",
+        "      top layers: base_model.q_proj.lora_B 2-3, base_model.v_proj.lora_B 1.5",
+        "      batch of step 61 (the first): indices [[244,245]]; fingerprint 000000000000003d; text '\\x00\\x01'"]
+    assert "skipped updates: 20 logged; steps 61-80" in text
+    assert "norm outliers (> 6 sigma above the 50 logged values before): 61-80 (20 steps, 3-5, update skipped)" \
+        in text
+
+
+def test_a_rerun_writes_its_steps_again_and_the_report_keeps_the_last(tmp_path):
+    history, lines, _ = lora_burst()
+    listed = [json.dumps({"event": "skip_listed", "step": s, "kind": "listed", "action": "skip", "skipped": True})
+              for s in BURST]
+    r = report_of(tmp_path, history, spike_lines=lines + listed + lines[5:])  # the rerun resumed at step 65
+    assert len(r["spikes"]["events"]) == 40 and [x["count"] for x in r["spikes"]["runs"]] == [20]
+    assert r["spikes"]["runs"][0]["text"].endswith("updates skipped (listed in clip_skip_steps / clip_skip_steps_from)")
+    assert any("15 line(s) for steps written again" in w for w in r["warnings"])
+    assert r["left_out"]["steps"] == 20 and r["advice"][0]["rule"] == "never_acted"
+
+
+def test_sparse_logging_without_a_spike_file_leaves_skipped_windows_out(tmp_path):
+    history, _, norm = lora_burst(logging_steps=10)
+    r = report_of(tmp_path, history)
+    assert r["steady"]["clip_rate"] == 0 and r["steady"]["flagged"] == 20 and r["advice"][0]["rule"] == "never_acted"
+    assert r["steady"]["max"] == max(h["gradclip/norm_max"] for h in history if h["step"] not in (70, 80))
+    assert r["steady"]["max_exact"]  # windows 61-70 and 71-80 are all skipped: no clean step's norm was lost
+
+
+def test_the_chart_draws_what_happened_on_skipped_steps(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import gradclip_hf.charts as charts
+
+    drawn = {}
+    real = charts.norms_chart
+
+    def spy(path, steps, norms, **kw):  # the real chart, its inputs kept
+        drawn.update(kw, steps=steps)
+        return real(path, steps, norms, **kw)
+
+    monkeypatch.setattr(charts, "norms_chart", spy)
+    history, lines, norm = lora_burst(logging_steps=10)
+    run = write_run(tmp_path / "run", history, logging_steps=10, spike_lines=lines)
+    build_report(str(run), chart=str(tmp_path / "c.png"))
+    post = dict(zip(drawn["steps"], drawn["norm_post"]))
+    assert post[70] is None and post[80] is None and post[60] == pytest.approx(min(norm[60], 1.0))
+    assert drawn["spikes"] == list(BURST) and drawn["spike_norms"] == {s: norm[s] for s in BURST}
+    assert drawn["skipped"] == list(BURST)
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG
+
+
 # ---------------------------------------------------------------------------------------------- reading
 def test_missing_state_names_the_path_and_what_is_missing(tmp_path):
     (tmp_path / "empty").mkdir()
@@ -233,6 +342,12 @@ def test_corrupt_state_and_missing_keys(tmp_path):
         build_report(str(run))
     (run / "trainer_state.json").write_text(json.dumps({"log_history": [{"loss": 1.0, "step": 1}]}))
     with pytest.raises(ValueError, match=r"1 log entries but none with a 'grad_norm'"):
+        build_report(str(run))
+    # the README's mistake: 300 steps under the Trainer's default logging_steps=500 log no training step
+    state = {"log_history": [{"train_runtime": 9.0, "step": 300}], "global_step": 300, "logging_steps": 500}
+    (run / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"logging_steps is 500 but this state stops at step 300: the Trainer logs "
+                                         r"every logging_steps steps \(default 500\), so it never logged; set logging_steps"):
         build_report(str(run))
 
 
@@ -257,7 +372,7 @@ def test_checkpoint_dir_reads_the_spike_file_of_its_parent(tmp_path):
     assert r["source"]["output_dir"] == str(run)
     assert [(e["step"], e["after_state"]) for e in r["spikes"]["events"]] == [(4, False), (11, True)]
     assert r["skipped"]["steps"] == [4, 11]
-    assert "step     11  spike loss, action skip (update skipped) [after this state's last step]" in render_text(r)
+    assert "  step 11: loss spike; update skipped [after this state's last step]" in render_text(r)
 
 
 def test_malformed_spike_lines_are_skipped_with_one_warning_each(tmp_path):
@@ -348,8 +463,9 @@ def test_cli_prints_the_report_and_writes_the_chart(tmp_path, capsys):
     run = spiky_run(tmp_path)
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
-    for text in ("steps 1-30 logged", "threshold: 1.5", "step     25  spike loss, action skip (update skipped)",
-                 "loss 7.5 (baseline 2, z 11.0)", "batch: indices [[[40,41,42,43]]]; text 'xxxx", "skipped updates: 2",
+    for text in ("steps 1-30 logged", "threshold: 1.5", "step 20: non-finite gradient (NaN/Inf); update skipped",
+                 "step 25: loss spike, loss 7.5 against 2 (11 sigma); update skipped",
+                 "batch of step 25: indices [[[40,41,42,43]]]; text 'xxxx", "skipped updates: 2",
                  "non-finite norms: 1 (steps 20)", "stopped at step 30: GradClipTrainer stopped", "advice:",
                  f"chart: {run / 'gradclip_report.png'}"):
         assert text in out, text
@@ -443,10 +559,16 @@ def test_gradclip_trainer_run_and_its_checkpoint(tmp_path, capsys):
     out, logs = _train(tmp_path, "pack", trainer_cls="pack", steps=40, logging_steps=2, spike_at=30, threshold=3.0,
                        spike_z=3.0)
     r = build_report(str(out))
-    assert r["run"]["logging_steps"] == 2 and r["run"]["sampled"] and r["norms"]["all"]["max_exact"]
-    assert r["norms"]["all"]["max"] == max(h["gradclip/norm_max"] for h in logs)
+    spike = next(e for e in r["spikes"]["events"] if e["event"] == "spike")
+    assert spike["step"] == 31 and spike["skipped"] and r["left_out"]["steps"] == 1
+    # the window 31-32 holds the skipped spike: its norm_max (the spike's norm) is left out of the max
+    clean = [h for h in logs if h["step"] != 32]
+    assert r["run"]["logging_steps"] == 2 and r["run"]["sampled"] and not r["norms"]["all"]["max_exact"]
+    assert spike["norm"] == pytest.approx(next(h["gradclip/norm_max"] for h in logs if h["step"] == 32), rel=1e-6)
+    assert r["norms"]["all"]["max"] == max(h["gradclip/norm_max"] for h in clean)
     assert r["norms"]["all"]["p50"] == pytest.approx(np.percentile([h["grad_norm"] for h in logs], 50))
-    assert r["norms"]["all"]["clip_rate"] == pytest.approx(np.mean([h["gradclip/clip_rate"] for h in logs]))
+    # the skipped step (norm below the threshold of 3: not counted as clipped) is out of the denominator
+    assert r["norms"]["all"]["clip_rate"] == pytest.approx(sum(h["gradclip/clip_rate"] * 2 for h in logs) / 39)
     assert r["spikes"]["logged"] == sum(h["gradclip/spikes"] for h in logs) >= 1  # the injected batch at step 31
     assert r["skipped"]["logged"] == sum(h["gradclip/skipped_steps"] for h in logs)
     assert [w["last"] for w in r["spikes"]["windows"]] == [32] and r["run"]["strategy"] == "norm"

@@ -12,13 +12,13 @@ Keys logged here (x axis ``train/global_step``, the Trainer's step metric):
 ==================================  ===================================================================
 ``gradclip/layer_norms``            ``wandb.Histogram`` of the per-layer pre-clip norms of the last step,
                                     every ``histogram_every`` logging steps
-``gradclip/spike_events``           ``wandb.Table`` of every spike so far (step, kind, loss, z, factor,
-                                    top layers, the batch's indices or fingerprint and text), logged when
-                                    new spikes were read
+``gradclip/spike_events``           ``wandb.Table`` of every spike so far, one row per step (step, kind,
+                                    loss, z, factor, the step's top layers, the batch's indices or
+                                    fingerprint and text), logged when new spikes were read
 ``gradclip/norms_over_run``         at train end: a line chart of pre-clip norm (last and max of each
                                     window), post-clip norm and threshold over the run
-``run.alert``                       a rate-limited WARN alert for spikes, an ERROR alert when the pack
-                                    stops training
+``run.alert``                       a rate-limited WARN alert for spikes (one line per run of consecutive
+                                    spike steps), an ERROR alert when the pack stops training
 ==================================  ===================================================================
 """
 
@@ -27,8 +27,10 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
+
+from ..spikeruns import Flagged, describe_run, group_runs
 
 __all__ = ["names_wandb", "STEP_METRIC", "SECTION", "WandbReporter", "panel_layout", "define_metrics", "create_workspace",
            "wandb_run", "spike_table_columns"]
@@ -36,7 +38,7 @@ __all__ = ["names_wandb", "STEP_METRIC", "SECTION", "WandbReporter", "panel_layo
 STEP_METRIC = "train/global_step"  # what transformers' WandbCallback logs as the x axis
 SECTION = "gradclip"
 MAX_TABLE_ROWS = 1000
-MAX_ALERT_EVENTS = 5
+MAX_ALERT_RUNS = 5  # runs of spikes described in one alert
 
 
 def names_wandb(report_to: Any) -> bool:
@@ -83,6 +85,28 @@ def batch_summary(record: dict | None) -> str:
     where = f"indices {batch['indices']}" if batch.get("indices") else f"fingerprint {batch.get('fingerprint')}"
     text = batch.get("text")
     return where + (f": {text[:80]!r}" if text else "")
+
+
+def _layers_text(pairs: Sequence[Sequence[Any]]) -> str:
+    """``"lm_head.weight=3.5, ..."`` from a record's ``top_layers``."""
+    return ", ".join(f"{name}={value:.3g}" if isinstance(value, (int, float)) else f"{name}=nan"
+                     for name, value in pairs)
+
+
+def _table_rows(events: Sequence[Any], records: Sequence[dict], spike_layers: Sequence[tuple[str, float]]) -> list:
+    """Spike-table rows: each step's top layers from its record in the spike file (``spike_layers``, the
+    window's last spike, for a step without one), and its batch."""
+    by_step = {r["step"]: r for r in records if r.get("event") == "spike"}
+    rows = []
+    for event in events:
+        record = by_step.get(event.step)
+        top = _layers_text(record["top_layers"]) if record and record.get("top_layers") else ""
+        if not top and event is events[-1]:
+            top = ", ".join(f"{n}={v:.3g}" for n, v in spike_layers)
+        rows.append([event.step, event.kind, _finite(event.loss), _finite(event.loss_baseline), _finite(event.loss_z),
+                     _finite(event.norm), _finite(event.norm_baseline), _finite(event.norm_z), event.factor_before,
+                     event.factor_after, top, batch_summary(record)])
+    return rows
 
 
 def _finite(value: float) -> float | None:
@@ -138,11 +162,13 @@ class WandbReporter:
     def log_step(self, run: Any, step: int, metrics: dict[str, float], layer_norms: dict[str, float] | None = None,
                  events: Sequence[Any] = (), spike_layers: Sequence[tuple[str, float]] = (),
                  stop_reason: str | None = None, threshold_base: Any = None, action: str = "tighten",
-                 records: Sequence[dict] = ()) -> None:
+                 records: Sequence[dict] = (), listed: Collection[int] = ()) -> None:
         """One logging step: ``metrics`` as the runner computed them (already in the Trainer's logs),
         ``layer_norms`` every measured layer's pre-clip norm (for the histogram), ``events`` every
         spike event read so far (new ones since the last call become alerts and table rows),
-        ``spike_layers`` the top layers of the window's last spike step."""
+        ``spike_layers`` the top layers of the window's last spike step (for a row without a record),
+        ``records`` the spike file's records (each row's top layers and batch), ``listed`` the steps that
+        ``clip_skip_steps`` skips."""
         import wandb
 
         self._ensure(run)
@@ -161,35 +187,34 @@ class WandbReporter:
         new = list(events[self._events_seen:])
         self._events_seen = len(events)
         if new:
-            top = ", ".join(f"{n}={v:.3g}" for n, v in spike_layers)
-            by_step = {r["step"]: r for r in records if r.get("event") == "spike"}
-            for i, event in enumerate(new):
-                self._rows.append([event.step, event.kind, _finite(event.loss), _finite(event.loss_baseline),
-                                   _finite(event.loss_z), _finite(event.norm), _finite(event.norm_baseline),
-                                   _finite(event.norm_z), event.factor_before, event.factor_after,
-                                   top if i == len(new) - 1 else "", batch_summary(by_step.get(event.step))])
-            self._rows = self._rows[-MAX_TABLE_ROWS:]
+            self._rows = (self._rows + _table_rows(new, records, spike_layers))[-MAX_TABLE_ROWS:]
             extra[f"{SECTION}/spike_events"] = wandb.Table(columns=spike_table_columns(), data=list(self._rows))
             self.logged["tables"] += 1
             self._pending_alert.extend(new)
         if extra:
             self._log(run, step, extra)
-        self._alert_spikes(run, threshold_base, action)
+        self._alert_spikes(run, threshold_base, action, listed)
         if stop_reason:
             self._alert_stop(run, stop_reason)
 
-    def _alert_spikes(self, run: Any, threshold_base: Any, action: str) -> None:
+    def _alert_spikes(self, run: Any, threshold_base: Any, action: str, listed: Collection[int] = ()) -> None:
+        """One WARN alert for the pending spikes: one line per run of consecutive spike steps."""
         if not (self.alerts and self._pending_alert):
             return
         now = time.monotonic()
         if now - self._last_alert < self.alert_interval_s:
             return  # kept for the next alert
         events, self._pending_alert = self._pending_alert, []
-        lines = [e.describe(threshold_base(e.step) if callable(threshold_base) else threshold_base, action)
-                 for e in events[:MAX_ALERT_EVENTS]]
-        if len(events) > MAX_ALERT_EVENTS:
-            lines.append(f"... and {len(events) - MAX_ALERT_EVENTS} more up to step {events[-1].step}.")
-        title = f"gradclip: {len(events)} spike{'s' if len(events) > 1 else ''} ({action})"
+        runs = group_runs(Flagged.from_spike_event(e, threshold_base(e.step) if callable(threshold_base)
+                                                   else threshold_base, action, e.step in listed) for e in events)
+        lines = [describe_run(r) for r in runs[:MAX_ALERT_RUNS]]
+        if len(runs) > MAX_ALERT_RUNS:
+            rest = sum(len(r) for r in runs[MAX_ALERT_RUNS:])
+            lines.append(f"... and {rest} more spikes up to step {events[-1].step} (the spike table and "
+                         "gradclip_spikes.jsonl list every one).")
+        steps = events[0].step, events[-1].step
+        where = f"step {steps[0]}" if steps[0] == steps[1] else f"steps {steps[0]}-{steps[1]}"
+        title = f"gradclip: {len(events)} spike{'s' if len(events) > 1 else ''} at {where} ({action})"
         try:
             run.alert(title=title, text="\n".join(lines), level="WARN", wait_duration=int(self.alert_interval_s))
             self.logged["alerts"] += 1
@@ -209,14 +234,14 @@ class WandbReporter:
 
     # ------------------------------------------------------------------ train end
     def finish(self, run: Any, step: int, stop_reason: str | None = None, threshold_base: Any = None,
-               action: str = "tighten") -> None:
+               action: str = "tighten", listed: Collection[int] = ()) -> None:
         """Train end: the stop alert (if not sent yet), pending spike alerts, and the run's norm chart."""
         import wandb
 
         self._ensure(run)
         if self._pending_alert:
             self._last_alert = -math.inf
-            self._alert_spikes(run, threshold_base, action)
+            self._alert_spikes(run, threshold_base, action, listed)
         if stop_reason:
             self._alert_stop(run, stop_reason)
         series = {k: v for k, v in self.series.items() if v}

@@ -4,6 +4,7 @@ threshold suits it.
 Reads ``trainer_state.json`` (the Trainer's ``log_history``) and, when there, ``gradclip_spikes.jsonl``;
 works on runs of the stock Trainer (``grad_norm`` only) and of this pack (``gradclip/*``). See
 :mod:`.load` (what is read, where from), :mod:`.stats` (percentiles, phases, clip rates, outliers),
+:mod:`.flagged` (skipped and non-finite steps, reported apart; runs of consecutive spike events),
 :mod:`.advice` (the threshold rules), :mod:`.training_args` (a stock run's ``max_grad_norm``) and
 ``docs/report.md``.
 
@@ -52,15 +53,18 @@ def draw_chart(run: Run, report: dict, path: str) -> str:
     windows = run.windows
     threshold = ([w.threshold for w in windows] if run.logs_threshold else report["threshold"]["value"])
     sampled = report["run"]["sampled"]
-    spikes = [e["step"] for e in report["spikes"]["events"] if e["event"] == "spike" and e["step"] is not None]
+    events = [e for e in report["spikes"]["events"] if e["event"] == "spike" and e["step"] is not None]
+    spikes = [e["step"] for e in events]
+    at = {e["step"]: e["norm"] for e in events if e["norm"] is not None}  # drawn at the norm recorded
     skipped = report["skipped"]["steps"]
     if not report["spikes"]["events"]:  # no spike file: marked at the last step of a window that counted one
         spikes = [w["last"] for w in report["spikes"]["windows"]]
         skipped = [w.step for w in windows if w.skipped]
+    gone = set(skipped) | set(report["nonfinite"]["steps"])  # the optimizer got nothing: no post-clip norm
+    post = [None if w.step in gone else w.norm_post for w in windows] if run.logs_threshold else None
     return _write_new(path, lambda tmp: norms_chart(
-        tmp, [w.step for w in windows], [w.grad_norm for w in windows], threshold=threshold,
-        norm_post=[w.norm_post for w in windows] if run.logs_threshold else None,
-        norm_max=[w.norm_max for w in windows] if sampled else None, spikes=spikes, skipped=skipped,
+        tmp, [w.step for w in windows], [w.grad_norm for w in windows], threshold=threshold, norm_post=post,
+        norm_max=[w.norm_max for w in windows] if sampled else None, spikes=spikes, spike_norms=at, skipped=skipped,
         nonfinite=report["nonfinite"]["steps"],
         title=f"{os.path.basename(os.path.abspath(run.path))}: pre-clip gradient norm vs threshold"))
 

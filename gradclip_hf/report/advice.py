@@ -3,7 +3,10 @@
 Gradient clipping is meant to guard against *outliers*: an ordinary step should pass unchanged. The rules
 compare the threshold with the norms of the steps after the first 10 % (the "start" phase, whose larger
 norms after initialisation would skew them; the whole run when fewer than 5 norms remain). ``rate`` is the
-clip rate there (logged, or estimated from ``grad_norm > threshold``). Exactly one *threshold rule* fires,
+clip rate there (logged, or estimated from ``grad_norm > threshold``). Steps whose update was skipped or
+whose norm was NaN/Inf are left out of the rate and the percentiles (:mod:`.flagged`): a skipped spike is
+not a clipped step, and counting it made a run whose threshold never touched an applied update look as if
+clipping "suits" it. Exactly one *threshold rule* fires,
 the first that matches:
 
 ``too_few_norms``         fewer than 5 finite norms logged: no advice.
@@ -61,11 +64,16 @@ def _steps(steps: list, limit: int = 8) -> str:
     return shown + (f" and {len(steps) - limit} more" if len(steps) > limit else "")
 
 
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
 def _spike_steps(spikes: dict) -> str:
-    """Steps of the spike file's spikes, else the logging windows that counted spikes ("21-30")."""
-    steps = sorted({e["step"] for e in spikes["events"] if e["event"] == "spike" and e["step"] is not None})
-    if not steps:
-        steps = [f"{w['first']}-{w['last']}" if w["first"] != w["last"] else w["last"] for w in spikes["windows"]]
+    """Steps of the spike file's spikes ("61-80", runs of consecutive steps), else the logging windows that
+    counted spikes ("21-30")."""
+    steps = [_span(r["first"], r["last"]) for r in spikes.get("runs", [])]
+    if not steps and not spikes["events"]:
+        steps = [_span(w["first"], w["last"]) for w in spikes["windows"]]
     return _steps(steps)
 
 
@@ -73,8 +81,14 @@ def _advice(rule: str, message: str, suggested: Optional[float] = None) -> dict:
     return {"rule": rule, "message": message, "suggested_threshold": suggested}
 
 
+def _left_out(s: dict) -> str:
+    """``" (20 skipped or non-finite steps left out)"``: flagged steps are not in the rate (:mod:`.flagged`)."""
+    n = s.get("flagged") or 0
+    return f" ({n} skipped or non-finite step{'s' if n > 1 else ''} left out)" if n else ""
+
+
 def _rate_text(s: dict) -> str:
-    return ("estimated " if s["clip_rate_estimated"] else "") + f"clip rate {pct(s['clip_rate'])}"
+    return ("estimated " if s["clip_rate_estimated"] else "") + f"clip rate {pct(s['clip_rate'])}" + _left_out(s)
 
 
 def _comparable(r: dict) -> bool:
@@ -141,9 +155,16 @@ def never_acted(r: dict) -> Optional[dict]:
         return None
     when = " after the start" if s["name"] == "after start" and r["norms"]["all"]["clip_rate"] else ""
     sampled = " (of the logged steps)" if r["run"]["sampled"] and not s["max_exact"] else ""
-    return _advice("never_acted", f"the threshold ({g(t)}) never acted{when}{sampled}; the largest norm was "
-                   f"{g(s['max'])} ({s['max'] / t:.2g}x the threshold): clipping was a no-op for this run; a threshold "
-                   f"near p99 ({g(_suggest(s['p99']))}) would catch outliers", _suggest(s["p99"]))
+    applied, apart = "", ""
+    if s.get("flagged"):
+        spiky = _spike_steps(r["spikes"])
+        applied = " on an applied update"
+        apart = (f"; the {s['flagged']} step(s) whose update was skipped or whose norm was not finite"
+                 + (f" (spikes at steps {spiky})" if spiky else "") + " are left out: the optimizer got nothing "
+                 "there, the spike action's doing, not clipping's")
+    return _advice("never_acted", f"the threshold ({g(t)}) never acted{when}{applied}{sampled}; the largest norm "
+                   f"was {g(s['max'])} ({s['max'] / t:.2g}x the threshold): clipping was a no-op for this run{apart}; "
+                   f"a threshold near p99 ({g(_suggest(s['p99']))}) would catch outliers", _suggest(s["p99"]))
 
 
 def suits(r: dict) -> Optional[dict]:
@@ -182,7 +203,7 @@ def threshold_varied(r: dict) -> Optional[dict]:
 
 
 def unclipped_outliers(r: dict) -> Optional[dict]:
-    passed = [o for o in r["outliers"]["norm"] if not o["clipped"]]
+    passed = [o for o in r["outliers"]["norm"] if not o["clipped"] and not o.get("skipped")]
     if not passed or not r["threshold"]["clipping"]:
         return None
     steps = _steps([f"{o['step']} ({g(o['value'])})" for o in passed])

@@ -296,6 +296,15 @@ def _load_state(path: str) -> tuple[str, dict, list[str]]:
     raise ValueError(errors[0] + more)
 
 
+def _no_log_cause(state: dict, logging_steps: Optional[int]) -> str:
+    """Why a run logged no training step, for the error: most often logging_steps larger than the steps run."""
+    steps = _int(state.get("global_step"))
+    if logging_steps and steps is not None and logging_steps > steps:
+        return (f"logging_steps is {logging_steps} but this state stops at step {steps}: the Trainer logs every "
+                f"logging_steps steps (default 500), so it never logged; set logging_steps (e.g. 10) and run again")
+    return "logging_strategy 'no', or it stopped before its first log"
+
+
 def load_run(path: str) -> Run:
     """Read a run from its ``output_dir``, one of its ``checkpoint-N`` folders or a ``trainer_state.json``.
 
@@ -307,7 +316,7 @@ def load_run(path: str) -> Run:
     windows = _windows(history, logging_steps)
     if not windows:
         raise ValueError(f"{state_path!r} has {len(history)} log entries but none with a 'grad_norm': the run logged "
-                         "no gradient norms to report on (logging_strategy 'no', or it stopped before its first log).")
+                         f"no gradient norms to report on ({_no_log_cause(state, logging_steps)}).")
     evals = [(_int(h.get("step")) or 0, float(h["eval_loss"])) for h in history
              if isinstance(h, dict) and _num(h.get("eval_loss")) is not None]
     stops = [(_int(h.get("step")) or 0, h["gradclip/stop_reason"]) for h in history

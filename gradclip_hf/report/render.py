@@ -10,7 +10,7 @@ from .advice import g, pct
 
 __all__ = ["render_text", "to_json", "terminal_safe"]
 
-MAX_EVENTS = 20   # spike-file events printed (all are in --json)
+MAX_EVENTS = 20   # runs of flagged steps (and other spike-file events) printed (all are in --json)
 TEXT_CHARS = 80   # of a batch's decoded text
 INDICES = 16      # dataset indices printed per event
 
@@ -82,6 +82,15 @@ def _table(r: dict) -> list[str]:
                      f"max {exact}")
     if estimated:
         lines.append("  * estimated: share of logged grad_norm above the threshold (no gradclip/clip_rate logged)")
+    out = r.get("left_out") or {}
+    if out.get("steps"):
+        what = " and ".join(x for x in (f"{out['skipped']} skipped" if out["skipped"] else "",
+                                         f"{out['nonfinite']} non-finite" if out["nonfinite"] else "") if x)
+        low, high = _opt(out["norm_min"]), _opt(out["norm_max"])
+        norms = "" if out["norm_min"] is None else f"; norm {low}" if low == high else f"; norms {low}-{high}"
+        lines.append(f"  left out of the clip rate and the percentiles: {out['steps']} flagged step(s)"
+                     f"{' (' + what + norms + ')' if what or norms else ''}, listed under spikes below; "
+                     "a skipped update was not clipped, the optimizer got nothing")
     return lines
 
 
@@ -122,37 +131,91 @@ def _event_lines(e: dict) -> list[str]:
     return lines
 
 
+def _run_lines(run: dict) -> list[str]:
+    """A run of consecutive flagged steps: its summary, the layers that carried it, its first batch."""
+    lines = [f"  {run['text']}" + (" [after this state's last step]" if run["after_state"] else "")]
+    if run["top_layers"]:
+        lines.append("      top layers: " + ", ".join(
+            f"{t['name']} {g(t['min'])}" + (f"-{g(t['max'])}" if g(t["min"]) != g(t["max"]) else "")
+            for t in run["top_layers"]))
+    batch = _batch(run["batch"]) if run["batch"] else None
+    if batch:
+        where = f"batch of step {run['batch']['step']}" + (" (the first)" if run["count"] > 1 else "")
+        lines.append(f"      {where}: {batch}")
+    return lines
+
+
 def _spikes(r: dict) -> list[str]:
     sp = r["spikes"]
     if sp["detector"]:
         lines = ["", f"spikes: {sp['logged']} (logged gradclip/spikes)"]
     else:
         lines = ["", "spikes: no spike detector in this run (no gradclip/spikes logged; the stock Trainer has none)"]
-    events = sp["events"]
-    if events:
-        first = f", the first {MAX_EVENTS}" if len(events) > MAX_EVENTS else ""
-        lines.append(f"  {len(events)} event(s) in the spike file{first}:")
-        for e in events[:MAX_EVENTS]:
-            lines.extend(_event_lines(e))
-    elif sp["windows"]:
+    events, runs = sp["events"], sp.get("runs", [])
+    others = [e for e in events if e["step"] is None or e["event"] not in ("spike", "nonfinite", "skip_listed")]
+    if runs:
+        first = f", the first {MAX_EVENTS}" if len(runs) > MAX_EVENTS else ""
+        lines.append(f"  {sum(x['count'] for x in runs)} flagged step(s) in the spike file, in {len(runs)} run(s) of "
+                     f"consecutive steps{first} (--json and the file have one entry per step):")
+        for run in runs[:MAX_EVENTS]:
+            lines.extend(_run_lines(run))
+    for e in others[:MAX_EVENTS]:
+        lines.extend(_event_lines(e))
+    if not events and sp["windows"]:
         lines.append("  no spike file; spikes per logging window: " + ", ".join(
             f"{w['count']} in step {w['first']}" + (f"-{w['last']}" if w["last"] != w["first"] else "")
             for w in sp["windows"]))
     return lines
 
 
+def _spans(steps: list[int]) -> str:
+    """``"61-80, 95"``: consecutive steps as ranges."""
+    spans: list[list[int]] = []
+    for step in steps:
+        if spans and step == spans[-1][1] + 1:
+            spans[-1][1] = step
+        else:
+            spans.append([step, step])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _outlier_status(o: dict, kind: str) -> str:
+    if kind == "loss":
+        return ""
+    return ", update skipped" if o.get("skipped") else ", clipped" if o["clipped"] else ", not clipped"
+
+
+def _outliers(found: list[dict], kind: str) -> str:
+    """``"151 (17.8, clipped), 61-80 (20 steps, 8.65-12.9, update skipped)"``: consecutive outliers with the
+    same status as one range."""
+    groups: list[list[dict]] = []
+    for o in found:
+        if groups and o["step"] == groups[-1][-1]["step"] + 1 and \
+                _outlier_status(o, kind) == _outlier_status(groups[-1][-1], kind):
+            groups[-1].append(o)
+        else:
+            groups.append([o])
+    shown = []
+    for group in groups[:MAX_EVENTS]:
+        first, last, status = group[0], group[-1], _outlier_status(group[0], kind)
+        if len(group) == 1:
+            shown.append(f"{first['step']} ({g(first['value'])}{status})")
+            continue
+        values = [o["value"] for o in group]
+        shown.append(f"{first['step']}-{last['step']} ({len(group)} steps, {g(min(values))}-{g(max(values))}{status})")
+    more = f" and {len(groups) - MAX_EVENTS} more" if len(groups) > MAX_EVENTS else ""
+    return ", ".join(shown) + more
+
+
 def _counts(r: dict) -> list[str]:
     sk, nf = r["skipped"], r["nonfinite"]
     skipped = f"{sk['logged']} logged" if sk["logged"] is not None else "-"
-    skipped += f"; steps {', '.join(map(str, sk['steps']))}" if sk["steps"] else ""
-    where = f" (steps {', '.join(map(str, nf['steps']))})" if nf["steps"] else ""
+    skipped += f"; steps {_spans(sk['steps'])}" if sk["steps"] else ""
+    where = f" (steps {_spans(nf['steps'])})" if nf["steps"] else ""
     lines = [f"skipped updates: {skipped}", f"non-finite norms: {nf['count']}{where}"]
     for kind in ("norm", "loss"):
-        found = r["outliers"][kind]
-        shown = ", ".join(f"{o['step']} ({g(o['value'])}" + ("" if kind == "loss" else
-                                                              ", clipped" if o["clipped"] else ", not clipped") + ")"
-                          for o in found[:MAX_EVENTS])
-        lines.append(f"{kind} outliers (> 6 sigma above the 50 logged values before): {shown or 'none'}")
+        lines.append(f"{kind} outliers (> 6 sigma above the 50 logged values before): "
+                     f"{_outliers(r['outliers'][kind], kind) or 'none'}")
     for stop in r["stop"]:
         lines.append(f"stopped at step {stop['step']}: {stop['reason']}")
     return lines

@@ -15,6 +15,12 @@ phase of its last step. The threshold advice uses the steps after "start".
 weighted by window length. Without it (the stock Trainer), the fraction of logged ``grad_norm`` above the
 threshold: exact with ``logging_steps=1``, an estimate from one step per window otherwise.
 
+**Flagged steps are reported apart** (:class:`Flags`): a step whose update was skipped (a spike, a listed
+step, a non-finite gradient) or whose norm was NaN/Inf is neither clipped nor a sample of the run's usual
+norm. It is taken out of the clip rate (``gradclip/clip_rate`` counts every step whose norm was above the
+threshold, skipped ones too), out of the percentiles (a window whose last step it is) and out of the max (a
+window's ``gradclip/norm_max`` that may be its norm).
+
 **Outliers**: a logged value more than 6 robust standard deviations (1.4826 x the median absolute
 deviation, at least 1 % of the median) above the median of the 50 logged values before it (at least 10
 needed). Rolling, because norms and losses drift over a run; 6 sigma as OLMo-core's spike skipping.
@@ -24,11 +30,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from .load import Window
 
-__all__ = ["percentile", "Phase", "phases", "norm_summary", "clip_rate", "outliers", "finite",
+__all__ = ["percentile", "Phase", "phases", "Flags", "norm_summary", "clip_rate", "outliers", "finite",
            "START_FRACTION", "OUTLIER_Z", "OUTLIER_HISTORY", "OUTLIER_MIN_HISTORY"]
 
 START_FRACTION = 0.10
@@ -80,17 +86,42 @@ def phases(last_step: int) -> list[Phase]:
     return out
 
 
-def norm_summary(windows: Sequence[Window]) -> dict:
+@dataclass
+class Flags:
+    """The steps of one logging window that are reported apart (see the module docstring).
+
+    ``steps``: how many; ``clipped``: how many of them ``gradclip/clip_rate`` counted as clipped;
+    ``last``: the window's last step (its logged ``grad_norm`` and ``norm_post``) is one of them;
+    ``max_theirs``: the window's ``gradclip/norm_max`` may be one of their norms."""
+
+    steps: int = 0
+    clipped: int = 0
+    last: bool = False
+    max_theirs: bool = False
+
+
+NO_FLAGS = Flags()
+
+
+def _flags(window: Window, flags: Optional[Mapping[int, Flags]]) -> Flags:
+    return flags.get(window.step, NO_FLAGS) if flags else NO_FLAGS
+
+
+def norm_summary(windows: Sequence[Window], flags: Optional[Mapping[int, Flags]] = None) -> dict:
     """``n`` finite logged norms, ``nonfinite`` logged norms, p50/p90/p99 (``None`` without data) and
-    ``max``: the largest of the logged norms and of ``gradclip/norm_max`` (exact when that is logged)."""
-    norms = finite(w.grad_norm for w in windows)
+    ``max``: the largest of the logged norms and of ``gradclip/norm_max`` (exact when that is logged).
+    ``flags`` (by window step): the norms of flagged steps are left out."""
+    kept = [w for w in windows if not _flags(w, flags).last]
+    norms = finite(w.grad_norm for w in kept)
     out: dict = {"n": len(norms), "nonfinite": sum(1 for w in windows if w.grad_norm is not None
                                                       and not math.isfinite(w.grad_norm))}
     for q in (50, 90, 99):
         out[f"p{q}"] = percentile(norms, q) if norms else None
-    maxima = norms + finite(w.norm_max for w in windows)
+    clean_max = [w for w in windows if not _flags(w, flags).max_theirs]
+    maxima = norms + finite(w.norm_max for w in clean_max)
     out["max"] = max(maxima) if maxima else None
-    out["max_exact"] = all(w.size == 1 or w.norm_max is not None for w in windows)
+    out["max_exact"] = all(w.size == 1 or (w.norm_max is not None and not _flags(w, flags).max_theirs)
+                           for w in windows if _flags(w, flags).steps < w.size)  # a clean step's norm may be lost
     return out
 
 
@@ -101,16 +132,23 @@ def _clips(window: Window, threshold: Optional[float]) -> Optional[bool]:
     return limit is not None and 0 < limit < math.inf and window.grad_norm > limit
 
 
-def clip_rate(windows: Sequence[Window], threshold: Optional[float]) -> tuple[Optional[float], bool]:
+def clip_rate(windows: Sequence[Window], threshold: Optional[float],
+              flags: Optional[Mapping[int, Flags]] = None) -> tuple[Optional[float], bool]:
     """(rate, estimated): the logged ``gradclip/clip_rate`` weighted by window length, else the share of
-    logged finite norms above the threshold (``estimated`` unless every window is one step)."""
+    logged finite norms above the threshold (``estimated`` unless every window is one step). ``flags`` (by
+    window step): flagged steps are taken out of both counts."""
     logged = [w for w in windows if w.clip_rate is not None and math.isfinite(w.clip_rate)]
     if logged:
-        return sum(w.clip_rate * w.size for w in logged) / sum(w.size for w in logged), False
-    flags = [c for c in (_clips(w, threshold) for w in windows) if c is not None]
-    if not flags:
+        steps = clipped = 0.0
+        for w in logged:
+            f = _flags(w, flags)
+            steps += w.size - f.steps
+            clipped += max(0.0, w.clip_rate * w.size - f.clipped)
+        return (min(1.0, clipped / steps) if steps > 0 else None), False
+    marks = [c for c in (_clips(w, threshold) for w in windows if not _flags(w, flags).last) if c is not None]
+    if not marks:
         return None, False
-    return sum(flags) / len(flags), any(w.size > 1 for w in windows)
+    return sum(marks) / len(marks), any(w.size > 1 for w in windows)
 
 
 def outliers(points: Sequence[tuple[int, Optional[float]]], z: float = OUTLIER_Z, history: int = OUTLIER_HISTORY,

@@ -6,8 +6,9 @@ import math
 from dataclasses import asdict
 from typing import Optional
 
-from .load import Run, Window
-from .stats import clip_rate, finite, norm_summary, outliers, percentile, phases
+from .flagged import dedupe, event_runs, left_out, step_flags, window_flags
+from .load import Event, Run, Window
+from .stats import Flags, clip_rate, finite, norm_summary, outliers, percentile, phases
 from .training_args import stock_threshold
 
 __all__ = ["summarize", "MIN_NORMS"]
@@ -15,10 +16,13 @@ __all__ = ["summarize", "MIN_NORMS"]
 MIN_NORMS = 5  # fewer finite norms after the start phase: the advice uses the whole run
 
 
-def _phase_row(name: str, first: int, last: int, windows: list[Window], threshold: Optional[float]) -> dict:
-    rate, estimated = clip_rate(windows, threshold)
-    return {"name": name, "first": first, "last": last, **norm_summary(windows), "clip_rate": rate,
-            "clip_rate_estimated": estimated}
+def _phase_row(name: str, first: int, last: int, windows: list[Window], threshold: Optional[float],
+               flags: dict[int, Flags]) -> dict:
+    """Norm percentiles and clip rate of ``windows``, flagged steps left out (``flagged``: how many)."""
+    rate, estimated = clip_rate(windows, threshold, flags)
+    flagged = sum(flags[w.step].steps for w in windows if w.step in flags)
+    return {"name": name, "first": first, "last": last, **norm_summary(windows, flags), "clip_rate": rate,
+            "clip_rate_estimated": estimated, "flagged": flagged}
 
 
 def _threshold(run: Run, steady: list[Window], override: Optional[float]) -> dict:
@@ -37,14 +41,16 @@ def _threshold(run: Run, steady: list[Window], override: Optional[float]) -> dic
     return {"value": value if clipping else None, "min": value, "max": value, "source": source, "clipping": clipping}
 
 
-def _events(run: Run) -> dict:
+def _events(run: Run, events: list[Event], flagged: dict) -> dict:
     """Spike-file events by step; ``after_state``: after this state's last step (a checkpoint's report lists
-    the later events of the run too: the candidates to skip when resuming from it)."""
-    events = [asdict(e) for e in sorted(run.events, key=lambda e: (e.step is None, e.step or 0))]
-    for e in events:
+    the later events of the run too: the candidates to skip when resuming from it); ``runs``: consecutive
+    flagged steps, one line each."""
+    rows = [asdict(e) for e in events]
+    for e in rows:
         e["after_state"] = e["step"] is not None and e["step"] > run.windows[-1].step
     logged = [w.spikes for w in run.windows if w.spikes is not None]
-    return {"detector": bool(logged), "logged": sum(logged) if logged else None, "events": events,
+    return {"detector": bool(logged), "logged": sum(logged) if logged else None, "events": rows,
+            "runs": event_runs(events, flagged, run.windows[-1].step),
             "windows": [{"first": w.first, "last": w.step, "count": w.spikes} for w in run.windows if w.spikes]}
 
 
@@ -52,11 +58,11 @@ def _steps(values) -> list[int]:
     return sorted({s for s in values if s is not None})
 
 
-def _skipped_and_nonfinite(run: Run) -> tuple[dict, dict]:
+def _skipped_and_nonfinite(run: Run, events: list[Event]) -> tuple[dict, dict]:
     skipped_logged = [w.skipped for w in run.windows if w.skipped is not None]
     skipped = {"logged": sum(skipped_logged) if skipped_logged else None,
-               "steps": _steps(e.step for e in run.events if e.skipped or e.event == "skip_listed")}
-    steps = _steps([e.step for e in run.events if e.event == "nonfinite" or e.kind == "nonfinite"]
+               "steps": _steps(e.step for e in events if e.skipped or e.event == "skip_listed")}
+    steps = _steps([e.step for e in events if e.event == "nonfinite" or e.kind == "nonfinite"]
                    + [w.step for w in run.windows if w.grad_norm is not None and not math.isfinite(w.grad_norm)])
     counted = [w.nonfinite for w in run.windows if w.nonfinite is not None]
     nonfinite = {"count": max(sum(counted), len(steps)) if counted else len(steps), "steps": steps}
@@ -71,13 +77,15 @@ def _stops(run: Run) -> list[dict]:
             for e in run.events if e.event == "stop"]
 
 
-def _norm_outliers(windows: list[Window], threshold: Optional[float]) -> list[dict]:
-    """Norm outliers, each with ``clipped``: whether its norm was above the threshold in force."""
+def _norm_outliers(windows: list[Window], threshold: Optional[float], flags: dict[int, Flags]) -> list[dict]:
+    """Norm outliers, each with ``clipped``: whether its norm was above the threshold in force, and
+    ``skipped``: whether its update was skipped (then it was not applied at all)."""
     by_step = {w.step: w for w in windows}
     found = outliers([(w.step, w.grad_norm) for w in windows])
     for o in found:
         limit = by_step[o["step"]].threshold if by_step[o["step"]].threshold is not None else threshold
-        o["clipped"] = limit is not None and 0 < limit < o["value"]
+        o["skipped"] = o["step"] in flags and flags[o["step"]].last
+        o["clipped"] = not o["skipped"] and limit is not None and 0 < limit < o["value"]
     return found
 
 
@@ -96,26 +104,35 @@ def summarize(run: Run, threshold: Optional[float] = None) -> dict:
     ``threshold``: the threshold of a run that did not log ``gradclip/threshold`` (stock: its
     ``max_grad_norm``); ignored, with a warning, when the run logged one."""
     windows = run.windows
+    events, replaced = dedupe(run.events)
+    if replaced:
+        run.warnings.append(f"{run.spike_path}: {replaced} line(s) for steps written again by a later run (a rerun "
+                            "from a checkpoint): the last line of each step is used")
+    flagged = step_flags(events)
+    flags = window_flags(run, flagged)
     parts = phases(windows[-1].step)
     after_start = [w for w in windows if w.step > parts[0].last]
-    steady = after_start if len(finite(w.grad_norm for w in after_start)) >= MIN_NORMS else windows
+    steady = after_start if norm_summary(after_start, flags)["n"] >= MIN_NORMS else windows
     limit = _threshold(run, steady, threshold)
     value = limit["value"]
-    rows = [_phase_row(p.name, p.first, p.last, [w for w in windows if p.holds(w)], value) for p in parts]
+    rows = [_phase_row(p.name, p.first, p.last, [w for w in windows if p.holds(w)], value, flags) for p in parts]
     steady_row = _phase_row("after start" if steady is after_start else "all", steady[0].first, steady[-1].step,
-                            steady, value)
-    skipped, nonfinite = _skipped_and_nonfinite(run)
+                            steady, value, flags)
+    skipped, nonfinite = _skipped_and_nonfinite(run, events)
     return {
         "source": {"path": run.path, "state_file": run.state_path, "spike_file": run.spike_path,
                    "output_dir": run.output_dir},
         "run": _run_info(run),
         "threshold": limit,
-        "norms": {"all": _phase_row("all", windows[0].first, windows[-1].step, windows, value), "phases": rows},
+        "norms": {"all": _phase_row("all", windows[0].first, windows[-1].step, windows, value, flags),
+                  "phases": rows},
         "steady": steady_row,
-        "spikes": _events(run),
+        "left_out": left_out(flags, flagged),
+        "spikes": _events(run, events, flagged),
         "skipped": skipped,
         "nonfinite": nonfinite,
         "stop": _stops(run),
-        "outliers": {"norm": _norm_outliers(windows, value), "loss": outliers([(w.step, w.loss) for w in windows])},
+        "outliers": {"norm": _norm_outliers(windows, value, flags),
+                     "loss": outliers([(w.step, w.loss) for w in windows])},
         "warnings": run.warnings,
     }

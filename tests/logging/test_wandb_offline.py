@@ -61,11 +61,13 @@ def test_offline_run_records_metrics_histogram_table_alerts_chart(offline_run):
 
     scalar_rows = {r["train/global_step"]: r for r in run["history"] if "train/gradclip/threshold" in r}
     assert sorted(scalar_rows) == [4, 8, 12]
-    for step, row in scalar_rows.items():
+    seen: set = set()
+    for step, row in sorted(scalar_rows.items()):
         for key in METRIC_KEYS:
             assert row[f"train/{key}"] == pytest.approx(logs[step][key], rel=1e-6), key
-        layers = [k for k in row if k.startswith("train/gradclip/layer/")]
-        assert len(layers) == 3
+        layers = {k for k in row if k.startswith("train/gradclip/layer/")}
+        assert 3 <= len(layers) <= 12 and seen <= layers  # the top 3, and every series that started goes on
+        seen = layers
     assert any(k.startswith("train/gradclip/spike_layer/") for k in scalar_rows[12])
 
     histograms = [r for r in run["history"] if r.get("gradclip/layer_norms._type") == "histogram"]
@@ -82,7 +84,8 @@ def test_offline_run_records_metrics_histogram_table_alerts_chart(offline_run):
 
     assert [a["level"] for a in run["alerts"]] == ["WARN"]
     # the spike injected into the batch of the 10th optimizer step is named as train/global_step names it
-    assert "step 10: loss" in run["alerts"][0]["text"] and "1 spike (tighten)" in run["alerts"][0]["title"]
+    assert run["alerts"][0]["text"].startswith("step 10: loss spike, loss ")
+    assert run["alerts"][0]["title"] == "gradclip: 1 spike at step 10 (tighten)"
 
     globs = {m["glob_name"]: m["step_metric"] for m in run["metrics"] if m.get("glob_name")}
     assert globs.get("gradclip/*") == "train/global_step"
@@ -161,6 +164,51 @@ def test_wandb_leet_draws_the_gradient_norm_chart(offline_run):
     assert "State: Finished" in screen and re.search(r"Metrics \[1-\d+ of \d+\]", screen)
     assert "train/grad_norm" in screen and x_axis.search(screen)
     assert filtered.search(screen)
+
+
+@pytest.fixture(scope="module")
+def burst_run(tmp_path_factory):
+    """An offline W&B run with a burst of 5 bad batches (train/global_step 10-14) read in two logging windows."""
+    root = tmp_path_factory.mktemp("wandb_burst")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in dict(WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_SILENT="true",
+                               WANDB_PROJECT="gradclip-test", WANDB_CONSOLE="off").items():
+            patch.setenv(key, value)
+        wandb.teardown()
+        trainer, _ = make_trainer(root, steps=20, logging_steps=4, spike_steps=tuple(range(9, 14)),
+                                  report_to=["wandb"], clip_spike_detection="loss", clip_spike_action="skip",
+                                  clip_spike_warmup_steps=5, clip_spike_ratio=1.2, clip_log_layers_top_k=3)
+        try:
+            trainer.train()
+        finally:
+            wandb.finish()
+            wandb.teardown()
+    return root, trainer
+
+
+@pytest.mark.slow
+def test_a_burst_is_one_alert_line_per_run_and_every_table_row_names_its_layers(burst_run):
+    import json
+
+    root, trainer = burst_run
+    assert [e.step for e in trainer.clip_run.spike_events] == [10, 11, 12, 13, 14]
+    run = read_run(root)
+    # one alert per logging step at most (the second waits for train end: 5 minutes between alerts), each one
+    # line per run of consecutive spike steps
+    assert [a["title"] for a in run["alerts"]] == ["gradclip: 3 spikes at steps 10-12 (skip)",
+                                                   "gradclip: 2 spikes at steps 13-14 (skip)"]
+    for alert in run["alerts"]:
+        assert len(alert["text"].splitlines()) == 1 and alert["text"].endswith("; updates skipped")
+    tables = [r for r in run["history"] if r.get("gradclip/spike_events._type") == "table-file"]
+    path = os.path.join(run_dir(root), "files", tables[-1]["gradclip/spike_events.path"])
+    with open(path) as f:
+        table = json.load(f)
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    records = {r["step"]: r for r in trainer.clip_run.recorder.records}
+    assert [r["step"] for r in rows] == [10, 11, 12, 13, 14]
+    for row in rows:  # every row, not only the last of each window
+        top = records[row["step"]]["top_layers"]
+        assert row["top_layers"] == ", ".join(f"{name}={value:.3g}" for name, value in top) and len(top) == 3
 
 
 class FakeRun:

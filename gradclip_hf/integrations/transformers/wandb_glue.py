@@ -40,7 +40,7 @@ class WandbGlue:
     def _common(self) -> dict[str, Any]:
         clipper, actions = self.run.clipper, self.run.actions
         return {"threshold_base": lambda step: clipper.base_threshold(max(step - 1, 0)),
-                "action": actions.action.value, "stop_reason": actions.stop_reason}
+                "action": actions.action.value, "stop_reason": actions.stop_reason, "listed": actions.listed}
 
     def after_log(self, state: Any) -> None:
         metrics = self.run.take_unreported()
