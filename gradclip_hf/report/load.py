@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..spikefile import read_lines
+
 __all__ = ["Window", "Event", "Run", "load_run", "find_state", "read_spike_file", "STATE_FILE", "SPIKE_FILE"]
 
 STATE_FILE = "trainer_state.json"
@@ -218,23 +220,13 @@ def _strategy(state: dict) -> Optional[str]:
 
 
 def read_spike_file(path: str) -> tuple[list[Event], list[str]]:
-    """The events of a ``gradclip_spikes.jsonl`` and one warning per line that is not a JSON object."""
-    events, warnings = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                obj, why = None, f"not JSON ({e.msg})"
-            else:
-                why = "not a JSON object"
-            if not isinstance(obj, dict):
-                warnings.append(f"{path}:{number}: {why}; line skipped")
-                continue
-            events.append(Event.from_json(obj))
-    return events, warnings
+    """The events of a ``gradclip_spikes.jsonl`` and one warning per line skipped (the one reader of the file,
+    :func:`gradclip_hf.spikefile.read_lines`: a torn last line is skipped there as everywhere)."""
+    try:
+        lines = read_lines(path)
+    except ValueError as e:
+        return [], [str(e)]
+    return [Event.from_json(obj) for _, obj in lines.records], lines.warnings()
 
 
 def _load_state(path: str) -> tuple[str, dict, list[str]]:
