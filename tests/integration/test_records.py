@@ -6,6 +6,9 @@ Each flagged step's record is checked against what that step really trained on (
 
 from __future__ import annotations
 
+import collections
+import sys
+
 import pytest
 import torch
 
@@ -120,3 +123,35 @@ def test_more_flagged_steps_than_the_rings_hold_between_two_logs_all_reach_the_f
     assert [r["step"] for r in records] == flagged
     assert all(r["event"] == "nonfinite" and r["skipped"] and r["batch"]["fingerprint"] for r in records)
     assert trainer.clip_run.nonfinite_steps == 290 and counter.logs == 1  # only the end-of-training summary
+
+
+def kept_by_the_pack(run) -> int:
+    """Bytes of the host objects a ClipRun keeps (its own objects, containers and values; not tensors, not the
+    Trainer's objects such as its state and log_history)."""
+    seen, size, todo = set(), 0, [run]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer, type)):
+            continue
+        seen.add(id(obj))
+        size += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            todo += [*obj.keys(), *obj.values()]
+        elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+            todo += list(obj)
+        elif type(obj).__module__.startswith("gradclip_hf") and hasattr(obj, "__dict__"):
+            todo += list(vars(obj).values())
+    return size
+
+
+def test_what_a_run_keeps_does_not_grow_with_the_logged_steps(tmp_path, dataset):
+    kept = {}
+    for steps in (50, 250):
+        trainer = GradClipTrainer(model=tiny_llama(0, hidden_size=16, layers=1), train_dataset=Stream(dataset),
+                                  clip_config=ClipConfig(log_layers_top_k=8),
+                                  args=make_args(tmp_path / str(steps), max_steps=steps, logging_steps=1,
+                                                 per_device_train_batch_size=1))
+        trainer.train()
+        assert len([h for h in trainer.state.log_history if "gradclip/layer/lm_head.weight" in h]) == steps
+        kept[steps] = kept_by_the_pack(trainer.clip_run)
+    assert abs(kept[250] - kept[50]) < 2_000, kept  # 200 more logged rows: nothing more kept by the pack

@@ -11,13 +11,15 @@ begin, for the mixin and the bare callback alike) and how many it has yielded (a
 the tracker notes, on the host, the sampler position when the step ran and how many samples the run had
 consumed before it: the step's samples lie between the two, whatever data-loader workers, ``prefetch_factor``,
 the Trainer's accumulation prefetch or a resume skipped ahead. At read time the fingerprints of the dataset
-items in that window are matched to the flagged step's samples (newest first). Where the dataset is not
-indexable (an ``IterableDataset``), or items hold no ``input_ids``, the record has the fingerprints and the
-text only.
+items in that window are matched to the flagged step's samples, newest first, looking at most
+:data:`SCAN_AHEAD` items past the step's own (a search that cannot match stays cheap). Where the dataset is
+not indexable (an ``IterableDataset``), items hold no ``input_ids``, or the collator changes the token ids
+(masked language modelling), the record has no indices: its fingerprint and text identify the batch.
 """
 
 from __future__ import annotations
 
+import array
 import collections
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +34,8 @@ __all__ = ["BatchTracker", "IndexRecord", "fingerprints", "batch_fingerprint"]
 _MUL, _ADD, _MASK = 0x9E3779B1, 0x7F4A7C15, 0x7FFFFFFF
 FIRST_TOKENS = 48
 KEEP_INDICES = 200_000  # recorded sampler indices kept (a bounded window over the most recent ones)
+SCAN_AHEAD = 16_384  # dataset items looked at per record beyond the step's own samples (bounds a search that
+#                      cannot match, e.g. a collator that changes the token ids: the MLM collator masks them)
 
 
 def fingerprints(input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -64,22 +68,21 @@ def _first_tokens(ids: Tensor, mask: Tensor | None) -> Tensor:
 
 
 class IndexRecord:
-    """Remembers the last :data:`KEEP_INDICES` indices ``sampler`` yields and counts them all (``count``),
-    without changing what it yields: the instance's class is swapped for a subclass whose ``__iter__`` records
-    (so ``isinstance`` checks, accelerate's seedable sampler and the data order are untouched) and swapped back
-    by :meth:`release`."""
+    """Remembers the last :data:`KEEP_INDICES` indices ``sampler`` yields (a ring of 8-byte ints) and
+    counts them all (``count``), without changing what it yields: the instance's class is swapped for a
+    subclass whose ``__iter__`` records (so ``isinstance`` checks, accelerate's seedable sampler and the data
+    order are untouched) and swapped back by :meth:`release`."""
 
-    def __init__(self, sampler: Any):
-        self.sampler, self.original = sampler, type(sampler)
-        self.recent: collections.deque[int] = collections.deque(maxlen=KEEP_INDICES)
+    def __init__(self, sampler: Any, keep: int = KEEP_INDICES):
+        self.sampler, self.original, self.keep = sampler, type(sampler), keep
+        self.ring = array.array("q")  # grows to `keep`, then wraps around
         self.count = 0
         original, record = self.original, self
 
         def __iter__(inner):
             for index in original.__iter__(inner):
                 if isinstance(index, int) or (isinstance(index, Tensor) and index.ndim == 0):
-                    record.recent.append(int(index))  # an iterable dataset's sampler yields None: nothing to record
-                    record.count += 1
+                    record.add(int(index))  # an iterable dataset's sampler yields None: nothing to record
                 yield index
 
         sampler.__class__ = type(f"Recording{original.__name__}", (original,), {"__iter__": __iter__})
@@ -94,11 +97,17 @@ class IndexRecord:
         except TypeError:  # a C type or __slots__ layout: no indices, fingerprints only
             return None
 
+    def add(self, index: int) -> None:
+        if self.count < self.keep:
+            self.ring.append(index)
+        else:
+            self.ring[self.count % self.keep] = index
+        self.count += 1
+
     def window(self, low: int, high: int) -> list[int]:
         """The indices yielded at positions ``low .. high - 1`` that are still kept."""
-        first = self.count - len(self.recent)  # position of recent[0]
-        low, high = max(low, first), min(high, self.count)
-        return [self.recent[p - first] for p in range(low, high)]
+        low, high = max(low, self.count - self.keep, 0), min(high, self.count)
+        return [self.ring[p % self.keep] for p in range(low, high)]
 
     def release(self) -> None:
         self.sampler.__class__ = self.original
@@ -158,10 +167,10 @@ class BatchTracker:
 
     def _note_window(self, step: int) -> None:
         """Host: where the sampler was when ``step`` ran, and the samples consumed before it (world-wide)."""
-        if self.sampler is not None:
+        if self.sampler is not None and self.sampler.count:
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
             self._windows[step] = (self._consumed_before * world, self.sampler.count)
-            while len(self._windows) > 2 * self.capacity + 8:  # reads come at least every `capacity` steps
+            while len(self._windows) > self.capacity + 8:  # reads come at least every `capacity` steps
                 self._windows.popitem(last=False)
         self._consumed_before = self.consumed
 
@@ -195,9 +204,11 @@ class BatchTracker:
         window = self._windows.get(step)
         if self.sampler is None or self.dataset is None or not prints or window is None:
             return None
+        low, high = window
+        low = max(low, high - len(prints) * 8 - SCAN_AHEAD)
         wanted = collections.Counter(prints)
         found = []
-        for index in reversed(self.sampler.window(*window)):
+        for index in reversed(self.sampler.window(low, high)):
             key = self._item_print(index)
             if key is None:
                 return None
