@@ -80,6 +80,23 @@ def test_data_loader_workers_prefetch_and_accumulation_lose_no_sample(tmp_path, 
     check_records(tmp_path, trainer, FLAGGED, data, tokenizer.decode)
 
 
+def test_a_resumed_run_records_the_indices_of_its_steps(tmp_path):
+    data, tokenizer = tokenized()
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainers = {}
+    for out, resume in (("first", None), ("resumed", tmp_path / "first" / "checkpoint-6")):
+        args = make_args(tmp_path / out, max_steps=12, logging_steps=10, per_device_train_batch_size=2,
+                         dataloader_num_workers=2, save_strategy="steps", save_steps=6)
+        trainer = trainers[out] = WatchedClipTrainer(model=tiny_llama(0), args=args, train_dataset=data,
+                                                     processing_class=tokenizer, data_collator=collator)
+        nan_at(trainer, FLAGGED)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    resumed = trainers["resumed"]
+    assert sorted(resumed.rows_of_step) == list(range(7, 13))  # the batches of steps 1-6 were skipped, not trained
+    assert resumed.rows_of_step[9] == trainers["first"].rows_of_step[9]  # the same data order
+    check_records(tmp_path / "resumed", resumed, (9, 11), data, tokenizer.decode)
+
+
 class Stream(torch.utils.data.IterableDataset):
     """The tokenized lines as a stream (no index to name)."""
 

@@ -37,13 +37,13 @@ CAUSES = {
 }
 
 
-def stopped_run(tmp_path, dataset, cause, save_strategy="steps"):
+def stopped_run(tmp_path, dataset, cause, save_strategy="steps", **extra):
     options, optim, logging_steps, nans, _, _ = CAUSES[cause]
     stream = SpikyByteStream(dataset, spike_steps=(24,), samples_per_step=BATCH)
     trainer = GradClipTrainer(model=tiny_llama(0), train_dataset=stream, clip_config=ClipConfig(**options),
                               args=make_args(tmp_path, max_steps=40, learning_rate=3e-3, optim=optim,
                                              per_device_train_batch_size=BATCH, logging_steps=logging_steps,
-                                             save_strategy=save_strategy, save_steps=100))
+                                             save_strategy=save_strategy, save_steps=100, **extra))
     nan_at(trainer, nans)
     trainer.train()
     return trainer
@@ -71,6 +71,15 @@ def test_a_stop_saves_a_checkpoint_with_the_reason_and_writes_a_stop_line(tmp_pa
     # the report reads the newest checkpoint: the stop
     report = build_report(str(tmp_path), chart=None)
     assert report["stop"] == [{"step": step, "reason": reason}]
+
+
+@pytest.mark.parametrize("strategy", ["epoch", "best"])
+def test_the_other_save_strategies_save_at_the_stop_too(tmp_path, dataset, strategy):
+    extra = {"metric_for_best_model": "loss"} if strategy == "best" else {}  # never evaluated: no best to save
+    trainer = stopped_run(tmp_path, dataset, "spike", save_strategy=strategy, **extra)
+    saved = json.loads((tmp_path / "checkpoint-25" / "trainer_state.json").read_text())
+    assert saved["log_history"][-1]["gradclip/stop_reason"] == trainer.clip_run.stop_reason
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-25"]
 
 
 @pytest.mark.parametrize("cause", list(CAUSES))
