@@ -21,7 +21,9 @@ accelerate = pytest.importorskip("accelerate")
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 from gradclip_hf.integrations.accelerate import AcceleratorClipper  # noqa: E402
-from gradclip_hf.integrations.transformers import GradClipTrainer  # noqa: E402
+from transformers import Trainer  # noqa: E402
+
+from gradclip_hf.integrations.transformers import GradClipCallback, GradClipTrainer  # noqa: E402
 from gradclip_hf.report import build_report  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -37,22 +39,29 @@ CAUSES = {
 }
 
 
-def stopped_run(tmp_path, dataset, cause, save_strategy="steps", **extra):
+def stopped_run(tmp_path, dataset, cause, save_strategy="steps", entry="trainer", **extra):
     options, optim, logging_steps, nans, _, _ = CAUSES[cause]
     stream = SpikyByteStream(dataset, spike_steps=(24,), samples_per_step=BATCH)
-    trainer = GradClipTrainer(model=tiny_llama(0), train_dataset=stream, clip_config=ClipConfig(**options),
-                              args=make_args(tmp_path, max_steps=40, learning_rate=3e-3, optim=optim,
-                                             per_device_train_batch_size=BATCH, logging_steps=logging_steps,
-                                             save_strategy=save_strategy, save_steps=100, **extra))
+    args = make_args(tmp_path, max_steps=40, learning_rate=3e-3, optim=optim, per_device_train_batch_size=BATCH,
+                     logging_steps=logging_steps, save_strategy=save_strategy, save_steps=100, **extra)
+    if entry == "trainer":
+        trainer = GradClipTrainer(model=tiny_llama(0), train_dataset=stream, clip_config=ClipConfig(**options),
+                                  args=args)
+    else:
+        trainer = Trainer(model=tiny_llama(0), train_dataset=stream, args=args,
+                          callbacks=[GradClipCallback(ClipConfig(**options))])
     nan_at(trainer, nans)
     trainer.train()
+    if entry != "trainer":
+        trainer.clip_run = next(cb for cb in trainer.callback_handler.callbacks
+                                if isinstance(cb, GradClipCallback)).run
     return trainer
 
 
-@pytest.mark.parametrize("cause", list(CAUSES))
-def test_a_stop_saves_a_checkpoint_with_the_reason_and_writes_a_stop_line(tmp_path, dataset, cause):
+@pytest.mark.parametrize("cause, entry", [(cause, "trainer") for cause in CAUSES] + [("loss_cap", "callback")])
+def test_a_stop_saves_a_checkpoint_with_the_reason_and_writes_a_stop_line(tmp_path, dataset, cause, entry):
     *_, step, phrase = CAUSES[cause]
-    trainer = stopped_run(tmp_path, dataset, cause)
+    trainer = stopped_run(tmp_path, dataset, cause, entry=entry)
     reason = trainer.clip_run.stop_reason
     assert trainer.state.global_step == step and phrase in reason and f"at step {step}:" in reason
     # the checkpoint at the stop, whose trainer_state.json says why
