@@ -77,3 +77,27 @@ def test_a_pipe_is_read_once_and_its_steps_kept(tmp_path):
             warnings.simplefilter("error")
             assert config.steps_to_skip() == again.steps_to_skip() == rebuilt.steps_to_skip() == {7, 9}
         assert config.skip_fingerprints() == {7: "00000000000000ab"}
+
+
+def test_the_batch_record_reads_a_batch_encoding_without_a_host_sync():
+    """A tokenizer's collators return ``BatchEncoding`` (a Mapping, not a dict): fingerprints and first tokens
+    are kept on the device, and the flagged step's batch read back with its padding left out."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from host_sync import no_host_sync
+
+    from gradclip_hf.integrations.transformers.batches import BatchTracker, fingerprints
+
+    ids = torch.tensor([[257, 104, 105, 256, 256], [257, 104, 101, 108, 108]])
+    mask = (ids != 256).long()
+    batch = transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    tracker = BatchTracker(samples=2, capacity=4)
+    tracker.add(batch)
+    tracker.record(torch.tensor(True), step=1)  # the lazy rings exist now
+    tracker.add(batch)
+    with no_host_sync():
+        tracker.record(torch.tensor(True), step=2)
+    values = {k: v.reshape(-1).tolist() for k, v in tracker.tensors().items()}
+    second = tracker.parse(values, since=1, total=2)[0]
+    assert second["tokens"] == [257, 104, 105]
+    assert second["prints"] == [int(fingerprints(ids[0, :3])[0]), int(fingerprints(ids[1])[0])]

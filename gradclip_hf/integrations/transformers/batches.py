@@ -59,7 +59,7 @@ def batch_fingerprint(prints: list[int]) -> str | None:
 def _first_tokens(ids: Tensor, mask: Tensor | None) -> Tensor:
     """The first :data:`FIRST_TOKENS` non-padding tokens of the first sample, padded with -1 (device only)."""
     row = ids.reshape(-1).long() if ids.ndim <= 1 else ids[0].long()
-    if mask is not None and mask.shape == ids.shape:
+    if mask is not None:
         keep = (mask.reshape(-1) if ids.ndim <= 1 else mask[0]).to(row.device) != 0
         order = torch.argsort((~keep).to(torch.int8), stable=True)  # kept tokens first, in their order
         row = torch.where(keep[order], row[order], torch.full_like(row, -1))
@@ -136,10 +136,10 @@ class BatchTracker:
     def add(self, inputs: Any) -> None:
         """A micro-batch (the ``inputs`` of ``training_step``); device work only."""
         ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
-        if not isinstance(ids, Tensor):
+        if not isinstance(ids, Tensor) or ids.ndim > 2:
             return
         mask = inputs.get("attention_mask")
-        mask = mask if isinstance(mask, Tensor) else None
+        mask = mask if isinstance(mask, Tensor) and mask.shape == ids.shape else None  # not a 4-d packing mask
         self._step_prints.append(fingerprints(ids, mask))
         self.consumed += 1 if ids.ndim <= 1 else int(ids.shape[0])
         if self._first is None:

@@ -202,7 +202,7 @@ class ClipRun:
         self.last_report = report
         self._since_read += 1
         if self._since_read >= self.read_every:  # the device rings would fill before the next log: read now
-            self._read_flagged(state)
+            self._read_flagged()
         return report
 
     # ------------------------------------------------------------------ logging
@@ -231,7 +231,7 @@ class ClipRun:
             self.last_layer_norms = dict(zip(r.names, values["layers"]))
             out.update(self.layers.select(r.names, values["layers"]))
         if out.get("gradclip/spikes") or out["gradclip/nonfinite_steps"] or self.recorder.pending:
-            self._read_flagged(state)
+            self._read_flagged()
         self._since_read = 0  # every flagged step of the window has been read
         self._write_stop()
         if out.get("gradclip/spikes"):
@@ -290,10 +290,10 @@ class ClipRun:
             if counts["nonfinite"][0]:
                 self._say_nonfinite(int(counts["nonfinite"][0]), int(getattr(self.state, "global_step", 0)))
             if counts["spikes"][0] or counts["nonfinite"][0] or self.recorder.pending:
-                self._read_flagged(self.state)
+                self._read_flagged()
         self._write_stop()
 
-    def _read_flagged(self, state: Any) -> None:
+    def _read_flagged(self) -> None:
         """Spike events, records and batches of the window, in ONE transfer: messages, then the JSONL."""
         self._since_read = 0
         values = to_host({**self.messages.tensors(), **self.recorder.tensors()})
