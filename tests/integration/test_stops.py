@@ -82,6 +82,26 @@ def test_a_stop_saves_a_checkpoint_with_the_reason_and_writes_a_stop_line(tmp_pa
     assert report["stop"] == [{"step": step, "reason": reason}]
 
 
+def test_a_run_resumed_from_the_stop_goes_on_and_the_saved_reason_is_checked(tmp_path, dataset):
+    stopped_run(tmp_path, dataset, "spike")
+    checkpoint = tmp_path / "checkpoint-25"
+    options = dict(spike_detection="loss", spike_warmup_steps=10, spike_action="skip")  # the fix: skip, not stop
+    stream = SpikyByteStream(dataset, spike_steps=(24,), samples_per_step=BATCH)
+
+    def resumed():
+        return GradClipTrainer(model=tiny_llama(0), train_dataset=stream, clip_config=ClipConfig(**options),
+                               args=make_args(tmp_path / "again", max_steps=40, learning_rate=3e-3,
+                                              per_device_train_batch_size=BATCH, logging_steps=5))
+    trainer = resumed()
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 40 and trainer.clip_run.stop_reason is None
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["stateful_callbacks"]["GradClipCallback"]["run"]["stop_reason"] = 5
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"`run.stop_reason` must be a str or absent, got 5.*checkpoint at step 25"):
+        resumed().train(resume_from_checkpoint=str(checkpoint))
+
+
 @pytest.mark.parametrize("strategy", ["epoch", "best"])
 def test_the_other_save_strategies_save_at_the_stop_too(tmp_path, dataset, strategy):
     extra = {"metric_for_best_model": "loss"} if strategy == "best" else {}  # never evaluated: no best to save
