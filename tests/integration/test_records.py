@@ -63,13 +63,15 @@ def test_a_tokenizer_and_the_default_collators_give_indices_fingerprint_and_text
     check_records(tmp_path, trainer, FLAGGED, data, tokenizer.decode)
 
 
-WORKERS = [(0, None, 1), (2, None, 1), (2, None, 3), (4, None, 1), (4, 4, 1), (4, 2, 3)]
+# workers, prefetch_factor, gradient accumulation, dataset items (30: 12 steps of 6 samples go over 2 epochs)
+WORKERS = [(0, None, 1, 96), (2, None, 1, 96), (2, None, 3, 30), (4, None, 1, 96), (4, 4, 1, 96), (4, 2, 3, 96)]
 
 
-@pytest.mark.parametrize("workers, prefetch, accumulation", WORKERS,
-                         ids=[f"workers{w}-prefetch{p}-ga{a}" for w, p, a in WORKERS])
-def test_data_loader_workers_prefetch_and_accumulation_lose_no_sample(tmp_path, workers, prefetch, accumulation):
-    data, tokenizer = tokenized()
+@pytest.mark.parametrize("workers, prefetch, accumulation, items", WORKERS,
+                         ids=[f"workers{w}-prefetch{p}-ga{a}-items{n}" for w, p, a, n in WORKERS])
+def test_data_loader_workers_prefetch_and_accumulation_lose_no_sample(tmp_path, workers, prefetch, accumulation,
+                                                                      items):
+    data, tokenizer = tokenized(items)
     args = make_args(tmp_path, max_steps=12, logging_steps=10, per_device_train_batch_size=2,
                      gradient_accumulation_steps=accumulation, dataloader_num_workers=workers,
                      dataloader_prefetch_factor=prefetch)
