@@ -38,7 +38,7 @@ from .core import (AGC, Cosine, GradClipper, Linear, MeasureOnly, NonFinitePolic
 from .core._checks import (MAX_WINDOW, UnknownOptionError, check_bool, check_choice, check_int,
                            check_norm_type, check_number, check_patterns)
 from .core.adaptive import ZScoreClipOption, ZScoreMode
-from .spikefile import read_spike_steps
+from .spikefile import SkipList, read_skip_list
 
 __all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "Apply", "OPTION_CHECKS", "option_names",
            "check_max_grad_norm"]
@@ -120,19 +120,29 @@ def option(default: Any, help: str, check: Callable[[str, Any], Any], enum: Opti
     return field(default=default, metadata=metadata)
 
 
+class SpikeFilePath(str):
+    """The ``skip_steps_from`` path, with what was read from it (once: a pipe can be read only once)."""
+
+    skip: SkipList
+
+
 def _spike_file(n, v):
-    if v is None:
-        return None
+    if v is None or isinstance(v, SpikeFilePath):
+        return v
     if not isinstance(v, str) or not v:
         raise OptionError(n, v, "a path to a gradclip_spikes.jsonl, or None")
     try:
-        steps = read_spike_steps(v)
+        skip = read_skip_list(v)
     except ValueError as error:
         raise OptionError(n, v, "a readable gradclip_spikes.jsonl", str(error)) from None
-    if not steps:
+    for warning in skip.warnings:
+        warnings.warn(f"`{n}`: {warning}", UserWarning, stacklevel=2)
+    if not skip.steps:
         warnings.warn(f"`{n}`={v!r} lists no spike or non-finite step (listed skips are not carried over): nothing "
                       f"will be skipped because of it.", UserWarning, stacklevel=2)
-    return v
+    path = SpikeFilePath(v)
+    path.skip = skip
+    return path
 
 
 _DECLARED: list[Callable[[str, Any], Any]] = []
@@ -330,11 +340,18 @@ class ClipConfig:
                            spikes=self.build_spikes())
 
     def steps_to_skip(self) -> frozenset[int]:
-        """``skip_steps`` and the steps of ``skip_steps_from`` (read now)."""
-        listed = set(self.skip_steps)
-        if self.skip_steps_from:
-            listed.update(read_spike_steps(self.skip_steps_from))
-        return frozenset(listed)
+        """``skip_steps`` and the steps of ``skip_steps_from`` (read once, when the option was set)."""
+        return frozenset(self.skip_steps) | self._skip_list().steps
+
+    def skip_fingerprints(self) -> dict[int, str]:
+        """The batch fingerprint ``skip_steps_from`` recorded for each of its steps (where it has one)."""
+        return dict(self._skip_list().fingerprints)
+
+    def _skip_list(self) -> SkipList:
+        path = self.skip_steps_from
+        if not path:
+            return SkipList()
+        return path.skip if isinstance(path, SpikeFilePath) else read_skip_list(path)
 
     def build_spikes(self) -> Optional[SpikeController]:
         """The spike controller, ``None`` when ``spike_detection="off"``."""

@@ -21,7 +21,8 @@ import zipfile
 import pytest
 
 from gradclip_hf.cli import main
-from gradclip_hf.report import build_report, load
+from gradclip_hf import spikefile
+from gradclip_hf.report import build_report
 from gradclip_hf.report.load import SPIKE_FILE
 from gradclip_hf.report.training_args import MAX_BYTES, read_max_grad_norm
 from test_report import PNG, pack_history, ramp, stock_history, write_run
@@ -174,7 +175,7 @@ def test_deeply_nested_trainer_state_exits_2_naming_the_file(tmp_path, capsys):
 
 
 def test_hostile_spike_lines_are_skipped_with_a_warning_each(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(load, "MAX_LINE", 300_000)
+    monkeypatch.setattr(spikefile, "MAX_LINE", 300_000)
     deep_indices = {"event": "spike", "step": 3, "batch": {"indices": json.loads("[" * 200 + "]" * 200)}}
     lines = ["[" * 100_000 + "]" * 100_000,           # nested too deeply for the parser
              '{"step": ' + "9" * 5000 + "}",          # an int the parser refuses

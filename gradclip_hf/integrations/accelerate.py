@@ -68,10 +68,10 @@ def _check_accelerator(accelerator: Any) -> None:
 
 
 class _LoopState:
-    """What a run reads of a Trainer's state: the step counter, the run length, a place for a stop reason."""
+    """What a run reads of a Trainer's state: the step counter and the run length."""
 
     def __init__(self, max_steps: int | None):
-        self.global_step, self.max_steps, self.log_history = 0, max_steps or 0, []
+        self.global_step, self.max_steps = 0, max_steps or 0
 
 
 class AcceleratorClipper:

@@ -18,12 +18,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..spikefile import read_lines
+
 __all__ = ["Window", "Event", "Run", "load_run", "find_state", "read_spike_file", "STATE_FILE", "SPIKE_FILE"]
 
 STATE_FILE = "trainer_state.json"
 SPIKE_FILE = "gradclip_spikes.jsonl"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-MAX_LINE = 4 * 1024 * 1024  # characters of one spike line (a record is a few kB): a longer one is skipped
 
 
 def _num(value: Any) -> Optional[float]:
@@ -235,51 +236,15 @@ def _strategy(state: dict) -> Optional[str]:
     return None
 
 
-def _lines(f: Any) -> Any:
-    """``(number, line)`` of a text file; a line longer than :data:`MAX_LINE` characters as ``None``, never
-    held whole."""
-    number = 0
-    while True:
-        line = f.readline(MAX_LINE + 1)
-        if not line:
-            return
-        number += 1
-        if len(line) > MAX_LINE and not line.endswith("\n"):
-            while line and not line.endswith("\n"):  # the rest of it, in bounded reads
-                line = f.readline(MAX_LINE + 1)
-            line = None
-        yield number, line
-
-
-def _parse_line(line: Optional[str]) -> tuple[Optional[dict], str]:
-    """A spike line as a dict, or ``None`` and why not."""
-    if line is None:
-        return None, f"longer than {MAX_LINE:,} characters"
-    try:
-        obj = json.loads(line)
-    except RecursionError:
-        return None, "JSON nested too deeply"
-    except json.JSONDecodeError as e:
-        return None, f"not JSON ({e.msg})"
-    except ValueError as e:  # an int of more than 4300 digits
-        return None, f"not readable JSON ({e})"
-    return (obj, "") if isinstance(obj, dict) else (None, "not a JSON object")
-
-
 def read_spike_file(path: str) -> tuple[list[Event], list[str]]:
-    """The events of a ``gradclip_spikes.jsonl`` and one warning per line that is not a JSON object (or not
-    readable: too long, nested too deeply)."""
-    events, warnings = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in _lines(f):
-            if line is not None and not line.strip():
-                continue
-            obj, why = _parse_line(line)
-            if obj is None:
-                warnings.append(f"{path}:{number}: {why}; line skipped")
-                continue
-            events.append(Event.from_json(obj))
-    return events, warnings
+    """The events of a ``gradclip_spikes.jsonl`` and one warning per line skipped (the one reader of the file,
+    :func:`gradclip_hf.spikefile.read_lines`: a torn last line, a line too long, nested too deeply or not a JSON
+    object is skipped there with a warning)."""
+    try:
+        lines = read_lines(path)
+    except ValueError as e:
+        return [], [str(e)]
+    return [Event.from_json(obj) for _, obj in lines.records], lines.warnings()
 
 
 def _load_state(path: str) -> tuple[str, dict, list[str]]:

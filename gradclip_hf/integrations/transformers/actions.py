@@ -6,6 +6,12 @@ decision travels as a device tensor) and for listed steps (``skip_steps``: known
 read per step for ``rollback``/``stop`` and for skips on other optimizers. The watchdogs (consecutive
 non-finite steps, ``loss_cap``) count on the device and are checked wherever a flag is read: every step on
 the paths above that read one, else at logging steps.
+
+Under an fp16 ``GradScaler`` the scaler skips overflow steps itself, and each one halves the loss scale: a
+few in a row while it finds its scale, one now and then when it tries a larger one, are its normal work. The
+non-finite watchdog counts the overflow steps in a row taken at a loss scale of 1 or below (where no scaling
+is left to explain them: the gradients are not finite unscaled), and stops at ``nonfinite_max_consecutive``
+of them; DeepSpeed's fp16 loss scaler stops a run at its ``min_loss_scale`` (1 by default) itself.
 """
 
 from __future__ import annotations
@@ -54,20 +60,24 @@ class StepActions:
         clipper: the run's clipper (its non-finite policy and spike action); config: the options.
         gate: the gate on the inner optimizer, or ``None`` where the pack cannot skip.
         owner: name in messages; scaler: a GradScaler is active (it skips non-finite steps itself).
+        loss_scale: ``() -> Tensor | None``, the GradScaler's current scale on the device (watchdog, see above).
     """
 
     def __init__(self, clipper: GradClipper, config: ClipConfig, gate: StepGate | None, owner: str,
-                 scaler: bool = False):
+                 scaler: bool = False, loss_scale: Any = None):
         self.clipper, self.gate, self.owner = clipper, gate, owner
         spikes = clipper.spikes
         self.action = spikes.action if spikes is not None else SpikeAction.TIGHTEN
         self.guard = clipper.nonfinite is NonFinitePolicy.SKIP and not scaler
+        self.loss_scale = loss_scale if scaler else None
         self.nonfinite_limit = config.nonfinite_max_consecutive
         self.loss_cap, self.loss_cap_patience = config.loss_cap, config.loss_cap_patience
         self.snapshot = (TrainingSnapshot(config.spike_snapshot_every) if self.action is SpikeAction.ROLLBACK
                          else None)
         self.listed = config.steps_to_skip()
         self.stop_reason: str | None = None
+        self.stop_step: int | None = None
+        self.stop_kind: str | None = None  # "spike", "nonfinite" or "loss_cap"
         self.rollbacks = 0
         self.nonfinite_runs, self.loss_runs = _Runs(), _Runs()
 
@@ -90,13 +100,16 @@ class StepActions:
     def _watch(self, report: ClipReport, loss: Tensor | None) -> None:
         if self.guard:
             self.nonfinite_runs.add(report.nonfinite)
+        elif self.loss_scale is not None:  # fp16: the scaler's overflow skips count once its scale is down to 1
+            scale = self.loss_scale()
+            if scale is not None:
+                self.nonfinite_runs.add(report.nonfinite & (scale.reshape(-1)[0].to(report.nonfinite.device) <= 1))
         if self.loss_cap is not None and loss is not None:
             loss = report.spike.loss if report.spike is not None else reduce_loss(loss.detach().float())
             loss = loss.to(report.norm.device)
             self.loss_runs.add(~torch.isfinite(loss) | (loss > self.loss_cap))
 
-    def after_clip(self, report: ClipReport, skip: Tensor, loss: Tensor | None, model: Any, optimizer: Any,
-                   state: Any) -> None:
+    def after_clip(self, report: ClipReport, skip: Tensor, loss: Tensor | None, model: Any, optimizer: Any) -> None:
         """Arm the gate for this step's update; read flags and act where this configuration needs it."""
         self._watch(report, loss)
         step = report.step + 1
@@ -116,10 +129,10 @@ class StepActions:
             self._rollback(step, model, optimizer)
         elif values["act"] and self.action is SpikeAction.STOP:
             self.stop(f"loss spike at step {step} and spike_action='stop'. Resume from the last checkpoint with a "
-                      f"lower learning rate, or use clip_spike_action 'tighten', 'skip' or 'rollback'.", step, state)
+                      f"lower learning rate, or use clip_spike_action 'tighten', 'skip' or 'rollback'.", step, "spike")
         elif not values["skip"] and self.snapshot is not None and self.snapshot.due(step):
             self.snapshot.take(step, model.parameters(), optimizer)
-        self.check_watch(values, step, state)
+        self.check_watch(values, step)
         if self.gate is not None:
             self.gate.arm(coef=report.optimizer_coef, skip=skip, skip_now=bool(values["skip"]))
 
@@ -137,27 +150,29 @@ class StepActions:
         runs = {"nonfinite_run": self.nonfinite_runs.take_worst(), "loss_cap_run": self.loss_runs.take_worst()}
         return {k: v for k, v in runs.items() if v is not None}
 
-    def check_watch(self, values: dict[str, Any], step: int, state: Any) -> None:
+    def check_watch(self, values: dict[str, Any], step: int) -> None:
         """Stop when a watchdog's run reached its limit (``values`` from :meth:`watch_tensors`, on the host)."""
         if self.stop_reason is not None:
             return
         nonfinite = int(_first(values.get("nonfinite_run", 0)))
         over = int(_first(values.get("loss_cap_run", 0)))
         if nonfinite >= self.nonfinite_limit:
-            self.stop(f"{nonfinite} consecutive steps with non-finite gradients (the limit is "
-                      f"clip_nonfinite_max_consecutive={self.nonfinite_limit}): lower the learning rate, check the "
-                      f"data, or use bf16/fp32 instead of fp16.", step, state)
+            what = ("fp16 overflow steps at a loss scale of 1 or below (the GradScaler skipped them, and no scaling "
+                    "is left to explain them)" if self.loss_scale is not None else "steps with non-finite gradients")
+            self.stop(f"{nonfinite} consecutive {what} (the limit is clip_nonfinite_max_consecutive="
+                      f"{self.nonfinite_limit}): lower the learning rate, check the data, or use bf16/fp32 instead of "
+                      f"fp16.", step, "nonfinite")
         elif self.loss_cap is not None and over >= self.loss_cap_patience:
             self.stop(f"the loss stayed above clip_loss_cap={self.loss_cap:g} (or was NaN/Inf) for {over} steps in a "
                       f"row (clip_loss_cap_patience={self.loss_cap_patience}). Resume from a checkpoint before the divergence "
-                      f"with a lower learning rate, and look at gradclip_spikes.jsonl for the batches.", step, state)
+                      f"with a lower learning rate, and look at gradclip_spikes.jsonl for the batches.", step, "loss_cap")
 
-    def stop(self, reason: str, step: int, state: Any) -> None:
-        """Record the reason (log, ``trainer_state.json``); the callback ends training at its next event."""
+    def stop(self, reason: str, step: int, kind: str) -> None:
+        """Record the reason (logged now; the run writes it to the log row of this step, the checkpoint it asks
+        for and the spike file); the callback ends training at its next event."""
         self.stop_reason = f"{self.owner} stopped training at step {step}: {reason}"
+        self.stop_step, self.stop_kind = step, kind
         logger.error("gradclip: %s", self.stop_reason)
-        if state is not None:
-            state.log_history.append({"step": step, "gradclip/stop_reason": self.stop_reason})
 
 
 def _first(value: Any) -> float:

@@ -204,6 +204,7 @@ class GradClipCallback(TrainerCallback, ExportableState):
                              "stack): use GradClipTrainer / GradClipMixin, or callback.attach(trainer).")
         run = session.begin(trainer, args, state, optimizer, train_dataloader)
         _restore_state(run, state, type(self).__name__)
+        run.check_skip_list(args, state)
         if run.engine is not None:  # after a resume the engine's clip_grad is the checkpoint's: the pack's now
             run.engine.sync(int(state.global_step))
         state.stateful_callbacks[type(self).__name__] = self.state()  # a later save finds our entry
@@ -217,13 +218,19 @@ class GradClipCallback(TrainerCallback, ExportableState):
         if run is not None:
             trainer = self.session.trainer
             run.step(model if model is not None else getattr(trainer, "model", None), state, optimizer)
-            _apply_stop(run, control)
+            _apply_stop(run, control, args)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
         run = self.session.live()
         if run is not None:
-            _apply_stop(run, control)
+            _apply_stop(run, control, args)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        run = self.session.live()
+        if run is not None and run.stop_reason is not None:
+            run.stop_saved = True
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -234,7 +241,7 @@ class GradClipCallback(TrainerCallback, ExportableState):
             run.inject(logs, state)
         if self.session.wandb is not None:
             self.session.wandb.after_log(state)
-        _apply_stop(run, control)
+        _apply_stop(run, control, args)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -255,9 +262,18 @@ def _check_single(trainer: Any, session: ClipSession) -> None:
                          "GradClipCallback): gradients would be clipped more than once. Keep one.")
 
 
-def _apply_stop(run: ClipRun, control: Any) -> None:
-    if run.stop_reason is not None:
-        control.should_training_stop = True
+def _apply_stop(run: ClipRun, control: Any, args: Any) -> None:
+    """The pack stopped the run: training ends after this step, whose log row carries the reason and, with a
+    ``save_strategy`` of ``steps`` or ``best``, a checkpoint is saved at it (as the Trainer saves at the end of
+    training; with ``epoch`` the Trainer saves at the end of the stopped epoch itself)."""
+    if run.stop_reason is None:
+        return
+    control.should_training_stop = True
+    if not run.stop_logged:
+        control.should_log = True
+    strategy = getattr(getattr(args, "save_strategy", None), "value", getattr(args, "save_strategy", None))
+    if not run.stop_saved and strategy in ("steps", "best"):
+        control.should_save = True
 
 
 def _restore_state(run: ClipRun, state: Any, name: str) -> None:

@@ -24,6 +24,8 @@ grad_norm=None)``                                              active: the Train
 ``AcceleratedOptimizer.scaler``,        yes         yes        fp16: unscale once, by the scaler's stage; the
 ``.optimizer``                                                  inner torch optimizer gets the step hooks
 ``GradScaler._per_optimizer_states``    torch 2.x   torch 2.x  ``[id(opt)]["stage"] is OptState.READY``
+``GradScaler._scale``                   torch 2.x   torch 2.x  fp16 watchdog: the loss scale as a device tensor
+                                                                (``get_scale()`` would read it on the host)
 ``DataLoaderShard.batch_sampler``,      1.15        1.15       the train dataloader's index sampler: its
 ``BatchSamplerShard.batch_sampler``                             instance's class is swapped for a recording
                                                                 subclass for the run (records name the indices)
@@ -66,7 +68,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["train_sampler", "find_trainer", "unscale_once", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks",
+__all__ = ["train_sampler", "find_trainer", "unscale_once", "loss_scale", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks",
            "inner_optimizer", "scaler_enabled", "deepspeed_clipping", "deepspeed_engine", "deepspeed_config"]
 
 
@@ -105,6 +107,12 @@ def inner_optimizer(optimizer: Any) -> Any:
 def scaler_enabled(optimizer: Any) -> bool:
     scaler = getattr(optimizer, "scaler", None)
     return scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
+
+
+def loss_scale(optimizer: Any) -> Any:
+    """The fp16 ``GradScaler``'s current scale as a device tensor (``None`` before its first ``scale()``)."""
+    scale = getattr(getattr(optimizer, "scaler", None), "_scale", None)
+    return scale if hasattr(scale, "reshape") else None
 
 
 def unscale_once(optimizer: Any) -> bool:

@@ -1,9 +1,9 @@
-"""One record per spike, non-finite step and listed skip: ``<output_dir>/gradclip_spikes.jsonl``.
+"""One record per spike, non-finite step, listed skip and stop: ``<output_dir>/gradclip_spikes.jsonl``.
 
 :class:`EventRecorder` keeps the flagged steps on the device (an :class:`~gradclip_hf.core._state.EventLog`
 row and the batch's fingerprints, see :mod:`.batches`), reads them back at logging steps (only when the
-window had a flagged step) and writes one JSON line per event, appended and flushed by the main process, so
-a crash keeps what was written. Fields (``None``: not measured)::
+window had a flagged step) or when its rings would fill, and writes one JSON line per event, appended and
+flushed by the main process, so a crash keeps what was written. Fields (``None``: not measured)::
 
     {"event": "spike" | "nonfinite" | "skip_listed", "step": 1-based optimizer step (train/global_step),
      "kind": "loss" | "norm" | "loss+norm" | "nonfinite" | "listed", "action": "tighten" | ..., "skipped": bool,
@@ -11,6 +11,9 @@ a crash keeps what was written. Fields (``None``: not measured)::
      "threshold_after", "top_layers": [[name, norm], ...],
      "batch": {"indices": [[...] per process] | None, "fingerprint": hex | None, "text": str | None},
      "time": unix seconds}
+
+and, when the pack stops the run, a last line
+``{"event": "stop", "step", "kind": "spike" | "nonfinite" | "loss_cap", "action": "stop", "reason", "time"}``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from ...core._state import EventLog
 from ...spikefile import FILE_NAME
-from .batches import BatchTracker
+from .batches import BatchTracker, batch_fingerprint
 
 __all__ = ["EventRecorder"]
 TOP = 3
@@ -51,6 +54,7 @@ class EventRecorder:
 
     def __init__(self, output_dir: str | None, samples: int, capacity: int, main_process: bool, decode: Any = None):
         self.path = os.path.join(output_dir, FILE_NAME) if output_dir and main_process else None
+        self.capacity = capacity
         self.log = EventLog(_FIELDS, capacity)
         self.batches = BatchTracker(samples, capacity)
         self.decode = decode
@@ -62,7 +66,7 @@ class EventRecorder:
         """End of a step: record it where it was a spike or non-finite (device work only)."""
         spike = report.spike.spike if report.spike is not None else torch.zeros_like(report.nonfinite)
         flag = spike | report.nonfinite
-        self.batches.record(flag)
+        self.batches.record(flag, report.step + 1)
         device = report.norm.device
         top = torch.topk(torch.nan_to_num(report.per_tensor_norms.float(), nan=math.inf),
                          k=min(TOP, names_count))
@@ -85,6 +89,12 @@ class EventRecorder:
         self._listed.append({"event": "skip_listed", "step": step, "kind": "listed", "action": "skip",
                              "skipped": True, "time": time.time()})
 
+    def add_stop(self, step: int, kind: str, reason: str) -> None:
+        """The pack stopped the run at ``step``: written now (the events before it are written already)."""
+        record = {"event": "stop", "step": step, "kind": kind, "action": "stop", "reason": reason, "time": time.time()}
+        self.write([record])
+        self.records.append(record)
+
     def tensors(self) -> dict[str, Tensor]:
         """Everything :meth:`flush` reads, named, for one shared transfer."""
         named = {f"log/{k}": v for k, v in self.log.tensors().items()}
@@ -92,7 +102,7 @@ class EventRecorder:
         return named
 
     def flush(self, values: dict[str, list[float]], spike_events: list[Any], names: list[str], action: str,
-              threshold_base: Any, current_step: int) -> list[dict]:
+              threshold_base: Any) -> list[dict]:
         """The new records from the transferred ``values`` (:meth:`tensors`): batches matched, lines written."""
         listed, self._listed = self._listed, []
         self.write(listed)
@@ -107,14 +117,14 @@ class EventRecorder:
             return []
         by_step = {e.step: e for e in spike_events}
         records = [self._record(row, batches.get(first + i), by_step.get(int(row["step"])), names, action,
-                                threshold_base, current_step) for i, row in enumerate(rows)]
+                                threshold_base) for i, row in enumerate(rows)]
         self._gather_indices(records)
         self.write(records)
         self.records.extend(records)
         return records
 
     def _record(self, row: dict, batch: dict | None, event: Any, names: list[str], action: str,
-                threshold_base: Any, current_step: int) -> dict[str, Any]:
+                threshold_base: Any) -> dict[str, Any]:
         nonfinite, step = bool(row["nonfinite"]), int(row["step"])
         top = [[names[int(row[f"layer{i}"])], _clean(row[f"layer_norm{i}"])] for i in range(TOP)
                if math.isfinite(row[f"layer{i}"]) and int(row[f"layer{i}"]) < len(names)]
@@ -130,9 +140,7 @@ class EventRecorder:
                           threshold_before=None if base is None else base * event.factor_before,
                           threshold_after=None if base is None else base * event.factor_after)
         prints = batch["prints"] if batch else []
-        lookback = max(1, current_step - step + 3)  # steps whose samples may hold this step's
-        record["batch"] = {"indices": self.batches.indices(prints, lookback), "fingerprints": prints,
-                           "fingerprint": format(sum(prints) & (2 ** 64 - 1), "016x") if prints else None,
+        record["batch"] = {"indices": self.batches.indices(prints, step), "fingerprint": batch_fingerprint(prints),
                            "text": self._text(batch["tokens"]) if batch else None}
         return record
 
@@ -147,8 +155,6 @@ class EventRecorder:
     @staticmethod
     def _gather_indices(records: list[dict]) -> None:
         """Every process's indices of each record, on every process (one collective per read with records)."""
-        for record in records:
-            record["batch"].pop("fingerprints", None)
         mine = [r["batch"]["indices"] for r in records]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Any] = [None] * dist.get_world_size()

@@ -23,12 +23,15 @@ from ...core._checks import check_int, state_field
 from ...core._state import to_host
 from .metrics import MetricsWindow, StepLoss
 from .records import EventRecorder
+from .skiplists import check_batch, check_start
 from .reporting import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages
 
-__all__ = ["ClipRun", "check_trainer", "RESET_HINT"]
+__all__ = ["ClipRun", "check_trainer", "RESET_HINT", "STOP_KEY"]
 
 RESET_HINT = ("to start the statistics fresh instead, set reset_statistics=True (clip_reset_statistics in "
               "GradClipTrainingArguments, on the command line and in the Axolotl YAML)")
+STOP_KEY = "gradclip/stop_reason"  # in the log row of the step the pack stopped the run at
+CAPACITY = 256  # flagged steps the device rings hold between two reads
 
 
 def check_trainer(trainer: Any, owner: str) -> None:
@@ -60,8 +63,12 @@ class ClipRun:
     """One training run. ``config`` (or a ready ``clipper``) and the Trainer's ``args``/``state``/optimizer.
 
     Attributes read by users and tests: ``clipper``, ``last_report``, ``num_clips``, ``skipped_steps``,
-    ``spike_events`` (every spike read back), ``stop_reason``, ``rollbacks``, ``log_history`` (the metrics
-    logged), ``threshold_source`` (where the threshold in force came from).
+    ``spike_events`` (every spike read back), ``stop_reason``, ``rollbacks``, ``last_metrics`` (the metrics of
+    the last logging step), ``threshold_source`` (where the threshold in force came from).
+
+    Flagged steps wait on the device until a logging step, or until the device rings would fill
+    (``read_every`` steps since the last read, counted on the host): then they are read, so every event reaches
+    the spike file whatever the logging interval.
     """
 
     def __init__(self, config: ClipConfig | None, clipper: GradClipper | None, *, args: Any, state: Any,
@@ -87,11 +94,11 @@ class ClipRun:
         self.defer = self.gate is not None and self.gate.fused and self.config.defers_to_optimizer
         scaler = (optimizer is not None and compat.scaler_enabled(optimizer)) or bool(
             engine is not None and engine.fp16_enabled())  # fp16: the loss scaler skips overflow steps itself
-        self.actions = StepActions(self.clipper, self.config, self.gate, owner, scaler=scaler)
-        samples = int(getattr(args, "per_device_train_batch_size", 1)) * int(
-            getattr(args, "gradient_accumulation_steps", 1))
-        self.recorder = EventRecorder(getattr(args, "output_dir", None), samples, capacity=256,
-                                      main_process=bool(getattr(state, "is_world_process_zero", True)), decode=decode)
+        self.actions = StepActions(self.clipper, self.config, self.gate, owner, scaler=scaler,
+                                   loss_scale=(lambda: compat.loss_scale(optimizer)) if optimizer is not None else None)
+        self.skip_prints = self.config.skip_fingerprints() if clipper is None else {}
+        self.main_process = bool(getattr(state, "is_world_process_zero", True))
+        self.recorder = self._recorder(args, decode)
         self.loss, self.window = StepLoss(), MetricsWindow()
         self.layers = LayerSelector(self.config.log_layers_top_k, self.config.log_layer_patterns)
         if self.engine is not None:  # ZeRO partitions and frees the gradients inside its step: no per-layer norms
@@ -99,12 +106,28 @@ class ClipRun:
         self.messages = SpikeMessages(self.clipper, owner)
         self.last_report: ClipReport | None = None
         self.num_clips = self.skipped_steps = self.nonfinite_steps = 0
-        self.log_history: list[dict[str, float]] = []
+        self.last_metrics: dict[str, float] = {}
+        spikes = self.clipper.spikes
+        self.read_every = min(self.recorder.capacity, spikes.max_events if spikes is not None else CAPACITY)
+        self._since_read = 0  # steps since the flagged steps were last read (host count)
+        self.stop_logged = self.stop_saved = self._stop_written = False
         self.last_layer_norms: dict[str, float] = {}
         self.last_spike_layers: list[tuple[str, float]] = []
         self.ship_layers = self.layers.enabled  # every layer's norm in the logging transfer
         self._unreported: dict[str, float] | None = None
         self._clipped_step: int | None = None
+
+    def _recorder(self, args: Any, decode: Any) -> EventRecorder:
+        samples = int(getattr(args, "per_device_train_batch_size", 1)) * int(
+            getattr(args, "gradient_accumulation_steps", 1))
+        return EventRecorder(getattr(args, "output_dir", None), samples, capacity=CAPACITY,
+                             main_process=self.main_process, decode=decode)
+
+    def check_skip_list(self, args: Any, state: Any) -> None:
+        """Train begin: warn about listed steps this run cannot apply as meant (:mod:`.skiplists`)."""
+        if self.main_process:
+            check_start(self.actions.listed, int(getattr(state, "global_step", 0) or 0),
+                        int(getattr(state, "max_steps", 0) or 0), getattr(args, "resume_from_checkpoint", None))
 
     def _describe_threshold(self, max_grad_norm: Any) -> str:
         c = self.config
@@ -174,12 +197,18 @@ class ClipRun:
             skip = self.actions.skip_flag(report)
         self.window.add(report, skip, keep_spike_layers=self.layers.top_k > 0)
         inner = compat.inner_optimizer(optimizer) if optimizer is not None else None
-        self.actions.after_clip(report, skip, loss, model, inner, state)
+        self.actions.after_clip(report, skip, loss, model, inner)
+        listed = step + 1 in self.actions.listed
+        if listed and self.main_process:
+            check_batch(step + 1, self.skip_prints.get(step + 1), self.recorder.batches)
         self.recorder.step(report, loss, skip, len(report.names))
-        if step + 1 in self.actions.listed:
+        if listed:
             self.recorder.add_listed(step + 1)
         self.num_clips += 1
         self.last_report = report
+        self._since_read += 1
+        if self._since_read >= self.read_every:  # the device rings would fill before the next log: read now
+            self._read_flagged()
         return report
 
     # ------------------------------------------------------------------ logging
@@ -203,12 +232,14 @@ class ClipRun:
         if out["gradclip/nonfinite_steps"] and state is not None:
             self._say_nonfinite(out["gradclip/nonfinite_steps"], int(state.global_step))
         if state is not None:
-            self.actions.check_watch(values, int(state.global_step), state)
+            self.actions.check_watch(values, int(state.global_step))
         if "layers" in values:
             self.last_layer_norms = dict(zip(r.names, values["layers"]))
             out.update(self.layers.select(r.names, values["layers"]))
         if out.get("gradclip/spikes") or out["gradclip/nonfinite_steps"] or self.recorder.pending:
-            self._read_flagged(state)
+            self._read_flagged()
+        self._since_read = 0  # every flagged step of the window has been read
+        self._write_stop()
         if out.get("gradclip/spikes"):
             if spike_vector is not None and len(values["spike_layers"]) == len(self.window.spike_names):
                 self.last_spike_layers = LayerSelector.top(self.window.spike_names, values["spike_layers"],
@@ -238,7 +269,10 @@ class ClipRun:
             if key == "loss":
                 logs["grad_norm"] = metrics["grad_norm"]
         logs.update({k: v for k, v in metrics.items() if k != "grad_norm"})
-        self.log_history.append(dict(metrics))
+        if self.stop_reason is not None and not self.stop_logged:  # in the row of the stop step, with its loss
+            logs[STOP_KEY] = self.stop_reason
+            self.stop_logged = True
+        self.last_metrics = metrics
         self._unreported = metrics
         return metrics
 
@@ -262,15 +296,24 @@ class ClipRun:
             if counts["nonfinite"][0]:
                 self._say_nonfinite(int(counts["nonfinite"][0]), int(getattr(self.state, "global_step", 0)))
             if counts["spikes"][0] or counts["nonfinite"][0] or self.recorder.pending:
-                self._read_flagged(self.state)
+                self._read_flagged()
+        self._write_stop()
 
-    def _read_flagged(self, state: Any) -> None:
+    def _read_flagged(self) -> None:
         """Spike events, records and batches of the window, in ONE transfer: messages, then the JSONL."""
+        self._since_read = 0
         values = to_host({**self.messages.tensors(), **self.recorder.tensors()})
         action = self.actions.action.value
         self.messages.show(values, action)
         self.recorder.flush(values, self.spike_events, self.last_report.names if self.last_report else [], action,
-                            lambda s: self.clipper.base_threshold(max(s - 1, 0)), int(getattr(state, "global_step", 0)))
+                            lambda s: self.clipper.base_threshold(max(s - 1, 0)))
+
+    def _write_stop(self) -> None:
+        """Once the pack stopped the run: its ``stop`` line in the spike file, after the events before it."""
+        actions = self.actions
+        if actions.stop_reason is not None and not self._stop_written:
+            self._stop_written = True
+            self.recorder.add_stop(actions.stop_step, actions.stop_kind, actions.stop_reason)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -278,6 +321,8 @@ class ClipRun:
         ``gradclip-hf report``; never loaded back: the options of the resumed run win)."""
         state = {"clipper": self.clipper.state_dict(), "skipped_steps": self.skipped_steps,
                  "rollbacks": self.actions.rollbacks, "events_seen": self.messages.seen}
+        if self.stop_reason is not None:  # why this run ended (read by people and reports; not loaded back)
+            state.update(stop_reason=self.stop_reason, stop_step=self.actions.stop_step)
         if self.given_config is not None:
             state["config"] = self.given_config.to_dict()
         return state
@@ -299,6 +344,15 @@ class ClipRun:
                 raise error.within("clipper") from None
             counts = {key: state_field(state, key, check_int, low=0, high=2**53) if key in state else 0
                       for key in ("skipped_steps", "rollbacks", "events_seen")}
+            _check_stop(state)  # the stop of the run that saved it: checked, not loaded (this run goes on)
             self.skipped_steps, self.actions.rollbacks, self.messages.seen = counts.values()
         except StateError as error:
             raise StateError(f"run.{error.field}", error.value, error.allowed, f"{source}; {RESET_HINT}") from None
+
+
+def _check_stop(state: dict[str, Any]) -> None:
+    reason, step = state.get("stop_reason"), state.get("stop_step")
+    if reason is not None and not isinstance(reason, str):
+        raise StateError("stop_reason", reason, "a str or absent")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 2**53):
+        raise StateError("stop_step", step, "an int >= 1 or absent")
