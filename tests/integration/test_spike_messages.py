@@ -65,9 +65,6 @@ def test_with_frequent_logging_a_burst_is_said_again_only_when_it_doubled(tmp_pa
     assert ranges == ["steps 61-65", "steps 61-70", "steps 61-80"], messages
 
 
-@pytest.mark.xfail(strict=True, reason="needs two hooks outside this change (see the issue-23 report): run.py "
-                   "passes listed=self.actions.listed to SpikeMessages, and actions.py drops its per-step "
-                   "'listed in clip_skip_steps' warning (the summary line says it)")
 def test_a_rerun_that_skips_the_listed_steps_says_so_once_per_run_of_steps(tmp_path, dataset, caplog):
     burst_run(tmp_path, dataset, caplog, logging_steps=20)
     config = ClipConfig.recommended(threshold=5.0, spike_action="tighten",

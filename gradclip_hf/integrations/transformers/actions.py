@@ -113,8 +113,7 @@ class StepActions:
         """Arm the gate for this step's update; read flags and act where this configuration needs it."""
         self._watch(report, loss)
         step = report.step + 1
-        if step in self.listed:
-            logger.warning("gradclip: step %d: update skipped (listed in clip_skip_steps / clip_skip_steps_from).", step)
+        if step in self.listed:  # said once at train begin (skiplists.check_start) and in the spike messages
             if self.gate is not None:
                 self.gate.arm(coef=report.optimizer_coef, skip=skip, skip_now=True)
             return

@@ -103,7 +103,7 @@ class ClipRun:
         self.layers = LayerSelector(self.config.log_layers_top_k, self.config.log_layer_patterns)
         if self.engine is not None:  # ZeRO partitions and frees the gradients inside its step: no per-layer norms
             self.layers = LayerSelector(0, ())
-        self.messages = SpikeMessages(self.clipper, owner)
+        self.messages = SpikeMessages(self.clipper, owner, listed=self.actions.listed)
         self.last_report: ClipReport | None = None
         self.num_clips = self.skipped_steps = self.nonfinite_steps = 0
         self.last_metrics: dict[str, float] = {}
