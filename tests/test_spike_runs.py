@@ -79,6 +79,8 @@ def read_as_logging_steps(losses, reads):
     clipper = ClipConfig.recommended(spike_warmup_steps=5).build(None, 1.0)
     messages, model, said, lines = SpikeMessages(clipper, "test"), torch.nn.Linear(2, 2), {}, Lines()
     logger.addHandler(lines)
+    level, logger.disabled = logger.level, False
+    logger.setLevel("WARNING")  # whatever verbosity an earlier test (or a docs snippet) left behind
     try:
         for step, loss in enumerate(losses):
             for p in model.parameters():
@@ -90,6 +92,7 @@ def read_as_logging_steps(losses, reads):
                 said[step] = [m.split(":")[1].strip() for m in lines.messages]
     finally:
         logger.removeHandler(lines)
+        logger.setLevel(level)
     return said, [e.step for e in messages.events]
 
 
