@@ -42,7 +42,7 @@ DEMO_SCENARIOS = ("garbage_batches", "corrupt_shard", "label_noise_shard", "lr_m
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..config import Strategy, choices
+    from ..options import Strategy, choices
     from ..experiments.tasks import Settings
 
     parser.add_argument("--scenario", choices=DEMO_SCENARIOS, default="corrupt_shard",

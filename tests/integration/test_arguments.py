@@ -17,6 +17,24 @@ def parse(argv):
     return args
 
 
+def test_each_option_carries_its_check_in_its_field_and_the_parser_takes_clip_config_itself():
+    """Issue 24.3: the check of each option is in its field's metadata (no list matched by position); argparse
+    never sees it, so HfArgumentParser(ClipConfig) parses the options under their own names."""
+    import dataclasses
+
+    from gradclip_hf.config import OPTION_CHECKS
+    from gradclip_hf.core import OptionError
+
+    for f in dataclasses.fields(ClipConfig):
+        assert OPTION_CHECKS[f.name] is f.metadata["check"] and "check" not in dict(f.metadata), f.name
+    with pytest.raises(OptionError, match="spike_factor"):
+        OPTION_CHECKS["spike_factor"]("spike_factor", 1.5)
+    assert OPTION_CHECKS["strategy"]("strategy", "zscore") == "zscore"
+    (config,) = transformers.HfArgumentParser(ClipConfig).parse_args_into_dataclasses(
+        args=["--strategy", "zscore", "--spike_detection", "loss"])
+    assert (config.strategy, config.spike_detection) == ("zscore", "loss")
+
+
 def test_parser_round_trip(tmp_path):
     args = parse(["--output_dir", str(tmp_path), "--clip_strategy", "zscore", "--clip_threshold", "2.0",
                   "--clip_schedule", "cosine", "--clip_threshold_final", "0.5", "--clip_zscore_z", "3.0",
