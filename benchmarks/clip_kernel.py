@@ -170,9 +170,10 @@ def step_methods(model: Grads) -> dict[str, Callable[[int], Any]]:
         gate, defer = StepGate(opt), config.defers_to_optimizer
 
         def call(i):
-            report = clipper.clip_(model, step=i, loss=loss, defer=defer)
+            report = clipper.plan(model, step=i, loss=loss)
+            coef = clipper.apply_(report, hand_off=defer)
             skip = report.skip | report.spike.act if report.spike is not None else report.skip
-            gate.arm(coef=report.optimizer_coef, skip=skip)
+            gate.arm(coef=coef, skip=skip)
             opt.step()
         out[name] = call
 

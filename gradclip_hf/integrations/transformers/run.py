@@ -193,7 +193,8 @@ class ClipRun:
             if optimizer is not None:
                 compat.unscale_once(optimizer)
             loss = self.loss.take()
-            report = self.clipper.clip_(model, step=step, loss=loss, defer=self.defer)
+            report = self.clipper.plan(model, step=step, loss=loss)
+            self.clipper.apply_(report, hand_off=self.defer)
             skip = self.actions.skip_flag(report)
         self.window.add(report, skip, keep_spike_layers=self.layers.top_k > 0)
         inner = compat.inner_optimizer(optimizer) if optimizer is not None else None
