@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
+from .spikefile import SpikeRecord
+
 __all__ = ["Flagged", "group_runs", "describe_run", "ACTION_WORDS"]
 
 # what happened to the update of a flagged step, by spike action (plural for runs)
@@ -22,27 +24,16 @@ ACTION_WORDS = {"tighten": ("threshold tightened, update applied", "threshold ti
 
 
 @dataclass(frozen=True)
-class Flagged:
-    """One flagged step as it is summarised. ``event``: ``"spike"``, ``"nonfinite"`` or ``"listed"`` (a step
-    skipped because ``clip_skip_steps``/``clip_skip_steps_from`` lists it, with no spike of its own);
-    ``action``: the spike action (``tighten``/``skip``/``rollback``/``stop``); ``skipped``: whether the update
-    was skipped (``None``: follows from ``action``); ``listed``: the step was listed for skipping. Values that
-    were not measured are ``None``."""
+class Flagged(SpikeRecord):
+    """One flagged step as it is summarised: its spike file record (:class:`~gradclip_hf.spikefile.SpikeRecord`,
+    read back or made from a spike event during training) and whether it was listed. ``event``: ``"spike"``,
+    ``"nonfinite"`` or ``"listed"`` (a step skipped because ``clip_skip_steps``/``clip_skip_steps_from`` lists
+    it, with no spike of its own); ``action``: the spike action (``tighten``/``skip``/``rollback``/``stop``);
+    ``skipped``: whether the update was skipped (``None``: follows from ``action``); ``listed``: the step was
+    listed for skipping. Values that were not measured are ``None``."""
 
-    step: int
-    event: str = "spike"
-    kind: Optional[str] = None
-    action: Optional[str] = None
-    skipped: Optional[bool] = None
+    event: Optional[str] = "spike"
     listed: bool = False
-    loss: Optional[float] = None
-    loss_baseline: Optional[float] = None
-    loss_z: Optional[float] = None
-    norm: Optional[float] = None
-    norm_baseline: Optional[float] = None
-    norm_z: Optional[float] = None
-    threshold_before: Optional[float] = None
-    threshold_after: Optional[float] = None
 
     @classmethod
     def from_spike_event(cls, event: Any, base_threshold: Optional[float], action: str,

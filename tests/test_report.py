@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from gradclip_hf.cli import main
 from gradclip_hf.report import advice as rules
 from gradclip_hf.report import build_report, load_run, render_text
-from gradclip_hf.report.load import SPIKE_FILE, read_spike_file
+from gradclip_hf.report.load import SPIKE_FILE
+from gradclip_hf.spikefile import read_records as read_spike_file
 from gradclip_hf.report.stats import clip_rate, outliers, percentile, phases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import pytest
 from fifo import served_once
 from gradclip_hf.config import ClipConfig
 from gradclip_hf.core import OptionError
-from gradclip_hf.report.load import read_spike_file
+from gradclip_hf.spikefile import read_records as read_spike_file
 
 SPIKE = {"event": "spike", "step": 7, "batch": {"indices": [[1, 2]], "fingerprint": "00000000000000ab", "text": "x"}}
 NONFINITE = {"event": "nonfinite", "step": 9, "batch": {"indices": None, "fingerprint": None, "text": None}}

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 
-from ...config import ClipConfig, option_names
+from ...config import ClipConfig
 from ...core import GradClipper, OptionError, StateError
 from ...core._checks import UnknownOptionError
 from . import compat

@@ -2,26 +2,15 @@
 
 :class:`EventRecorder` keeps the flagged steps on the device (an :class:`~gradclip_hf.core._state.EventLog`
 row and the batch's fingerprints, see :mod:`.batches`), reads them back at logging steps (only when the
-window had a flagged step) or when its rings would fill, and writes one JSON line per event, appended and
-flushed by the main process, so a crash keeps what was written. Fields (``None``: not measured)::
-
-    {"event": "spike" | "nonfinite" | "skip_listed", "step": 1-based optimizer step (train/global_step),
-     "kind": "loss" | "norm" | "loss+norm" | "nonfinite" | "listed", "action": "tighten" | ..., "skipped": bool,
-     "loss", "loss_baseline", "loss_z", "norm", "norm_baseline", "norm_z", "threshold_before",
-     "threshold_after", "top_layers": [[name, norm], ...],
-     "batch": {"indices": [[...] per process] | None, "fingerprint": hex | None, "text": str | None},
-     "time": unix seconds}
-
-and, when the pack stops the run, a last line
-``{"event": "stop", "step", "kind": "spike" | "nonfinite" | "loss_cap", "action": "stop", "reason", "time"}``.
+window had a flagged step) or when its rings would fill, and has :mod:`gradclip_hf.spikefile` (the file's
+fields, its writer and its reader) write one line per event, appended and flushed by the main process, so a
+crash keeps what was written.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from typing import Any
 
 import torch
@@ -29,17 +18,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ...core._state import EventLog
-from ...spikefile import FILE_NAME
+from ... import spikefile
 from .batches import BatchTracker, batch_fingerprint
 
 __all__ = ["EventRecorder"]
 TOP = 3
 _FIELDS = ("step", "nonfinite", "spike", "skipped", "loss", "norm", "threshold",
            *(f"{kind}{i}" for i in range(TOP) for kind in ("layer", "layer_norm")))
-
-
-def _clean(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class EventRecorder:
@@ -53,7 +38,7 @@ class EventRecorder:
     """
 
     def __init__(self, output_dir: str | None, samples: int, capacity: int, main_process: bool, decode: Any = None):
-        self.path = os.path.join(output_dir, FILE_NAME) if output_dir and main_process else None
+        self.path = os.path.join(output_dir, spikefile.FILE_NAME) if output_dir and main_process else None
         self.capacity = capacity
         self.log = EventLog(_FIELDS, capacity)
         self.batches = BatchTracker(samples, capacity)
@@ -86,12 +71,11 @@ class EventRecorder:
 
     def add_listed(self, step: int) -> None:
         """A step skipped because ``skip_steps`` lists it (known on the host: written at the next flush)."""
-        self._listed.append({"event": "skip_listed", "step": step, "kind": "listed", "action": "skip",
-                             "skipped": True, "time": time.time()})
+        self._listed.append(spikefile.listed_record(step))
 
     def add_stop(self, step: int, kind: str, reason: str) -> None:
         """The pack stopped the run at ``step``: written now (the events before it are written already)."""
-        record = {"event": "stop", "step": step, "kind": kind, "action": "stop", "reason": reason, "time": time.time()}
+        record = spikefile.stop_record(step, kind, reason)
         self.write([record])
         self.records.append(record)
 
@@ -126,23 +110,23 @@ class EventRecorder:
     def _record(self, row: dict, batch: dict | None, event: Any, names: list[str], action: str,
                 threshold_base: Any) -> dict[str, Any]:
         nonfinite, step = bool(row["nonfinite"]), int(row["step"])
-        top = [[names[int(row[f"layer{i}"])], _clean(row[f"layer_norm{i}"])] for i in range(TOP)
+        top = [[names[int(row[f"layer{i}"])], row[f"layer_norm{i}"]] for i in range(TOP)
                if math.isfinite(row[f"layer{i}"]) and int(row[f"layer{i}"]) < len(names)]
-        record = {"event": "nonfinite" if nonfinite else "spike", "step": step,
-                  "kind": "nonfinite" if nonfinite else (event.kind if event is not None else "loss"),
-                  "action": "skip" if nonfinite and bool(row["skipped"]) else action,
-                  "skipped": bool(row["skipped"]), "loss": _clean(row["loss"]), "norm": _clean(row["norm"]),
-                  "threshold": _clean(row["threshold"]), "top_layers": top, "time": time.time()}
+        detected = None
         if event is not None:
             base = threshold_base(step) if callable(threshold_base) else None
-            record.update(loss_baseline=event.loss_baseline, loss_z=event.loss_z, norm_baseline=event.norm_baseline,
-                          norm_z=event.norm_z,
-                          threshold_before=None if base is None else base * event.factor_before,
-                          threshold_after=None if base is None else base * event.factor_after)
+            detected = {"loss_baseline": event.loss_baseline, "loss_z": event.loss_z,
+                        "norm_baseline": event.norm_baseline, "norm_z": event.norm_z,
+                        "threshold_before": None if base is None else base * event.factor_before,
+                        "threshold_after": None if base is None else base * event.factor_after}
         prints = batch["prints"] if batch else []
-        record["batch"] = {"indices": self.batches.indices(prints, step), "fingerprint": batch_fingerprint(prints),
-                           "text": self._text(batch["tokens"]) if batch else None}
-        return record
+        return spikefile.spike_record(
+            nonfinite=nonfinite, step=step, kind="nonfinite" if nonfinite else (event.kind if event is not None
+                                                                                 else "loss"),
+            action="skip" if nonfinite and bool(row["skipped"]) else action, skipped=bool(row["skipped"]),
+            loss=row["loss"], norm=row["norm"], threshold=row["threshold"], top_layers=top, detected=detected,
+            batch={"indices": self.batches.indices(prints, step), "fingerprint": batch_fingerprint(prints),
+                   "text": self._text(batch["tokens"]) if batch else None})
 
     def _text(self, tokens: list[int]) -> str | None:
         if self.decode is None or not tokens:
@@ -166,10 +150,5 @@ class EventRecorder:
             record["batch"]["indices"] = per_rank if any(x is not None for x in per_rank) else None
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        if self.path is None or not records:
-            return
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-            f.flush()
+        if self.path is not None:
+            spikefile.append(self.path, records)
