@@ -150,7 +150,7 @@ def methods(model: Grads, which: set[str] | None) -> dict[str, Callable[[int], A
 def step_methods(model: Grads) -> dict[str, Callable[[int], Any]]:
     """Clip + fused AdamW step, per method (each with its own optimizer over the same parameters)."""
     from gradclip_hf import ClipConfig
-    from gradclip_hf.integrations.optim import StepGate
+    from gradclip_hf.run import StepGate
 
     params = list(model.parameters())
     loss = torch.tensor(2.0, device=params[0].device)

@@ -86,7 +86,7 @@ def test_the_batch_record_reads_a_batch_encoding_without_a_host_sync():
     transformers = pytest.importorskip("transformers")
     from host_sync import no_host_sync
 
-    from gradclip_hf.integrations.transformers.batches import BatchTracker, fingerprints
+    from gradclip_hf.run.batches import BatchTracker, fingerprints
 
     ids = torch.tensor([[257, 104, 105, 256, 256], [257, 104, 101, 108, 108]])
     mask = (ids != 256).long()

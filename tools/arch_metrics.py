@@ -11,11 +11,15 @@ import os
 import sys
 
 # layer of each top-level part of the package: imports must point to the same or a lower layer
-LAYERS = [("gradclip_hf.core", 0), ("gradclip_hf.spikefile", 1), ("gradclip_hf.options", 1),
-          ("gradclip_hf.config", 1), ("gradclip_hf._config_checks", 1), ("gradclip_hf.reference", 1),
-          ("gradclip_hf.report", 2), ("gradclip_hf.charts", 2), ("gradclip_hf.integrations", 2),
-          ("gradclip_hf.standins", 2), ("gradclip_hf.experiments", 3), ("gradclip_hf.demo", 3),
-          ("gradclip_hf.cli", 4), ("gradclip_hf.__main__", 4), ("gradclip_hf", 1)]
+# (core lowest; the options and file formats; the per-run machinery; the integrations; the report; demo and CLI)
+LAYERS = [("gradclip_hf.core", 0),
+          ("gradclip_hf.spikefile", 1), ("gradclip_hf.spikeruns", 1), ("gradclip_hf.options", 1),
+          ("gradclip_hf.config", 2), ("gradclip_hf._config_checks", 2), ("gradclip_hf.reference", 2),
+          ("gradclip_hf.run", 3),
+          ("gradclip_hf.integrations", 4), ("gradclip_hf.standins", 4),
+          ("gradclip_hf.report", 5), ("gradclip_hf.charts", 5),
+          ("gradclip_hf.experiments", 6), ("gradclip_hf.demo", 6),
+          ("gradclip_hf.cli", 7), ("gradclip_hf.__main__", 7), ("gradclip_hf", 2)]
 
 
 def layer(module: str) -> int:

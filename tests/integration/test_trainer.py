@@ -16,10 +16,10 @@ from gradclip_hf.experiments.bytelm import tiny_llama
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from gradclip_hf.integrations.transformers.metrics import SPIKE_KEYS  # noqa: E402
+from gradclip_hf.run.metrics import SPIKE_KEYS  # noqa: E402
 from gradclip_hf.integrations.transformers import (METRIC_KEYS, GradClipCallback, GradClipMixin,  # noqa: E402
                                                    GradClipTrainer, GradClipTrainingArguments)
-from gradclip_hf.integrations.transformers.run import ClipRun, check_trainer  # noqa: E402
+from gradclip_hf.integrations.transformers.session import check_trainer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -169,13 +169,13 @@ def test_weight_update_is_bounded_by_threshold(tmp_path, dataset, entry):
 @pytest.mark.parametrize("entry", ["trainer", "callback"])
 def test_grad_accumulation_one_clip_per_step_and_step_loss(tmp_path, dataset, entry, monkeypatch):
     seen = []
-    original = GradClipper.clip_
+    original = GradClipper.plan  # what the integrations call (then apply_, or the fused optimizer)
 
     def recording_clip(self, model, step, *, loss=None, **kwargs):
         seen.append((step, None if loss is None else loss.item()))
         return original(self, model, step, loss=loss, **kwargs)
 
-    monkeypatch.setattr(GradClipper, "clip_", recording_clip)
+    monkeypatch.setattr(GradClipper, "plan", recording_clip)
     args = make_args(tmp_path, max_steps=4, gradient_accumulation_steps=2, max_grad_norm=0.5)
     if entry == "trainer":
         trainer = GradClipTrainer(model=tiny_llama(0), args=args, train_dataset=dataset)
@@ -289,7 +289,7 @@ def test_fp16_unscaled_exactly_once(tmp_path, dataset):
 
 
 def test_unscale_once_respects_scaler_stage():
-    from gradclip_hf.integrations.transformers.compat import unscale_once
+    from gradclip_hf.run.compat import unscale_once
 
     param = torch.nn.Parameter(torch.ones(3))
     inner = torch.optim.SGD([param], lr=0.1)

@@ -8,8 +8,10 @@ from transformers import Trainer
 
 from ...config import ClipConfig
 from ...core import GradClipper, OptionError
-from .callback import ClipSession, GradClipCallback, release
-from .run import ClipRun
+from ...run import ClipRun
+from .callback import GradClipCallback
+from .session import ClipSession
+from .wrappers import release
 
 __all__ = ["GradClipMixin", "GradClipTrainer", "config_from_args"]
 
@@ -76,9 +78,6 @@ class GradClipMixin:
             self.clip_session.end()
 
     def training_step(self, model, inputs, *args: Any, **kwargs: Any):
-        run = self.clip_session.live(self)
-        if run is not None:
-            run.engine_inputs(inputs)  # DeepSpeed: the engine steps inside super().training_step
         loss = super().training_step(model, inputs, *args, **kwargs)
         run = self.clip_session.live(self)
         if run is not None:

@@ -1,9 +1,10 @@
-"""What one step's decision does beyond clipping: skip the update, roll back, stop, watch the run.
+"""What one step's decision does beyond clipping: roll back, stop, watch the run; and whether the decision must be
+on the host.
 
-The skip goes through the :class:`~gradclip_hf.integrations.optim.StepGate` on the optimizer, installed once
-per run. Host reads: none per step for ``tighten``/``skip``/``nonfinite="skip"`` on fused optimizers (the
-decision travels as a device tensor) and for listed steps (``skip_steps``: known on the host); one stacked
-read per step for ``rollback``/``stop`` and for skips on other optimizers. The watchdogs (consecutive
+The skip itself goes to the step backend (:mod:`.backends`: the optimizer gate on the local path). Host reads:
+none per step for ``tighten``/``skip``/``nonfinite="skip"`` on fused optimizers (the decision travels as a
+device tensor) and for listed steps (``skip_steps``: known on the host); one stacked read per step for
+``rollback``/``stop`` and for skips where the backend needs the decision on the host (other optimizers). The watchdogs (consecutive
 non-finite steps, ``loss_cap``) count on the device and are checked wherever a flag is read: every step on
 the paths above that read one, else at logging steps.
 
@@ -22,11 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...config import ClipConfig
-from ...core import ClipReport, GradClipper, NonFinitePolicy, SpikeAction, TrainingSnapshot
-from ...core.spikes import reduce_loss
-from ..optim import StepGate
-from .reporting import logger
+from ..config import ClipConfig
+from ..core import ClipReport, GradClipper, SpikeAction, TrainingSnapshot
+from ..core.spikes import reduce_loss
+from .backends import StepBackend
+from .messages import logger
 
 __all__ = ["StepActions"]
 
@@ -54,22 +55,21 @@ class _Runs:
 
 
 class StepActions:
-    """Per-run: arms the optimizer gate each step and carries out rollbacks, stops and the watchdogs.
+    """Per-run: carries out rollbacks, stops and the watchdogs, and reads the decision where it must.
 
     Args:
-        clipper: the run's clipper (its non-finite policy and spike action); config: the options.
-        gate: the gate on the inner optimizer, or ``None`` where the pack cannot skip.
-        owner: name in messages; scaler: a GradScaler is active (it skips non-finite steps itself).
-        loss_scale: ``() -> Tensor | None``, the GradScaler's current scale on the device (watchdog, see above).
+        clipper: the run's clipper (its spike action); config: the options.
+        backend: the run's step backend (:mod:`.backends`): its non-finite guard, its loss scaler, whether it
+            needs the decision on the host, the optimizer a rollback restores.
+        owner: name in messages.
     """
 
-    def __init__(self, clipper: GradClipper, config: ClipConfig, gate: StepGate | None, owner: str,
-                 scaler: bool = False, loss_scale: Any = None):
-        self.clipper, self.gate, self.owner = clipper, gate, owner
+    def __init__(self, clipper: GradClipper, config: ClipConfig, backend: StepBackend, owner: str):
+        self.clipper, self.backend, self.owner = clipper, backend, owner
         spikes = clipper.spikes
         self.action = spikes.action if spikes is not None else SpikeAction.TIGHTEN
-        self.guard = clipper.nonfinite is NonFinitePolicy.SKIP and not scaler
-        self.loss_scale = loss_scale if scaler else None
+        self.guard = backend.guard
+        self.loss_scale = backend.loss_scale if backend.scaler else None
         self.nonfinite_limit = config.nonfinite_max_consecutive
         self.loss_cap, self.loss_cap_patience = config.loss_cap, config.loss_cap_patience
         self.snapshot = (TrainingSnapshot(config.spike_snapshot_every) if self.action is SpikeAction.ROLLBACK
@@ -83,19 +83,11 @@ class StepActions:
 
     @property
     def reads_every_step(self) -> bool:
-        """Whether a flag leaves the device at every step (rollback, stop, or a skip on a non-fused optimizer)."""
+        """Whether a flag leaves the device at every step (rollback, stop, or a skip the backend needs on the
+        host)."""
         acting = self.action in (SpikeAction.ROLLBACK, SpikeAction.STOP)
         can_skip = self.guard or self.action is SpikeAction.SKIP
-        return acting or (can_skip and self.gate is not None and not self.gate.fused)
-
-    def skip_flag(self, report: ClipReport) -> Tensor:
-        """Device flag: this step's update is not applied."""
-        skip = report.skip if self.guard else torch.zeros_like(report.skip)
-        if report.spike is not None:
-            skip = skip | report.spike.act
-        if report.step + 1 in self.listed:
-            skip = torch.ones_like(skip)
-        return skip
+        return acting or (can_skip and self.backend.host_decision)
 
     def _watch(self, report: ClipReport, loss: Tensor | None) -> None:
         if self.guard:
@@ -109,31 +101,27 @@ class StepActions:
             loss = loss.to(report.norm.device)
             self.loss_runs.add(~torch.isfinite(loss) | (loss > self.loss_cap))
 
-    def after_clip(self, report: ClipReport, skip: Tensor, loss: Tensor | None, model: Any, optimizer: Any) -> None:
-        """Arm the gate for this step's update; read flags and act where this configuration needs it."""
+    def after_decision(self, report: ClipReport, skip: Tensor, loss: Tensor | None, model: Any, listed: bool) -> bool:
+        """Watch the step; read its flags and act (roll back, stop, snapshot) where this configuration needs
+        it. Returns the decision on the host where it was read (a listed step: ``True``), else ``False``."""
         self._watch(report, loss)
-        step = report.step + 1
-        if step in self.listed:  # said once at train begin (skiplists.check_start) and in the spike messages
-            if self.gate is not None:
-                self.gate.arm(coef=report.optimizer_coef, skip=skip, skip_now=True)
-            return
+        if listed:  # said once at train begin (skiplists.check_start) and in the spike messages
+            return True
         if not self.reads_every_step:
-            if self.gate is not None:
-                self.gate.arm(coef=report.optimizer_coef, skip=skip)
-            return
+            return False
+        step = report.step + 1
         act = report.spike.act if report.spike is not None else torch.zeros_like(skip)
         named = {"skip": skip, "act": act, **self.watch_tensors()}
         values = dict(zip(named, torch.stack([v.to(skip.device, torch.float64) for v in named.values()]).tolist()))
         if values["act"] and self.action is SpikeAction.ROLLBACK:
-            self._rollback(step, model, optimizer)
+            self._rollback(step, model, self.backend.optimizer)
         elif values["act"] and self.action is SpikeAction.STOP:
             self.stop(f"loss spike at step {step} and spike_action='stop'. Resume from the last checkpoint with a "
                       f"lower learning rate, or use clip_spike_action 'tighten', 'skip' or 'rollback'.", step, "spike")
         elif not values["skip"] and self.snapshot is not None and self.snapshot.due(step):
-            self.snapshot.take(step, model.parameters(), optimizer)
+            self.snapshot.take(step, model.parameters(), self.backend.optimizer)
         self.check_watch(values, step)
-        if self.gate is not None:
-            self.gate.arm(coef=report.optimizer_coef, skip=skip, skip_now=bool(values["skip"]))
+        return bool(values["skip"])
 
     def _rollback(self, step: int, model: Any, optimizer: Any) -> None:
         if self.snapshot is None or self.snapshot.step is None:

@@ -15,8 +15,8 @@ import re
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from ...spikefile import FILE_NAME as SPIKE_FILE
-from ...spikeruns import Flagged, describe_run, group_runs
+from ..spikefile import FILE_NAME as SPIKE_FILE
+from ..spikeruns import Flagged, describe_run, group_runs
 
 __all__ = ["LAYER_PREFIX", "SPIKE_LAYER_PREFIX", "LayerSelector", "SpikeMessages", "logger", "is_layer_key"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from .batches import BatchTracker
-from .reporting import logger
+from .messages import logger
 
 __all__ = ["check_start", "check_batch"]
 

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...core import ClipReport
-from ...core._state import to_host
+from ..core import ClipReport
+from ..core._state import to_host
 
 __all__ = ["StepLoss", "MetricsWindow", "to_host", "METRIC_KEYS", "SPIKE_KEYS"]
 

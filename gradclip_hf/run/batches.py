@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...core._state import ring_write_
+from ..core._state import ring_write_
 
 __all__ = ["BatchTracker", "IndexRecord", "fingerprints", "batch_fingerprint"]
 

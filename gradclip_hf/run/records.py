@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ...core._state import EventLog
-from ... import spikefile
+from ..core._state import EventLog
+from .. import spikefile
 from .batches import BatchTracker, batch_fingerprint
 
 __all__ = ["EventRecorder"]
@@ -47,7 +47,7 @@ class EventRecorder:
         self._listed: list[dict[str, Any]] = []
         self.records: list[dict[str, Any]] = []  # every record of this run (for the W&B table)
 
-    def step(self, report: Any, loss: Tensor | None, skip: Tensor, names_count: int) -> None:
+    def record_step(self, report: Any, loss: Tensor | None, skip: Tensor, names_count: int) -> None:
         """End of a step: record it where it was a spike or non-finite (device work only)."""
         spike = report.spike.spike if report.spike is not None else torch.zeros_like(report.nonfinite)
         flag = spike | report.nonfinite

@@ -1,62 +1,36 @@
-"""``ClipRun``: the pack on one ``Trainer.train()``: built at train begin, closed when training ends.
+"""``ClipRun``: the pack on one training run (a ``Trainer.train()``, or a hand-written loop): built at train begin,
+closed when training ends. No transformers here: the integrations hand it what it needs.
 
-It ties the per-step jobs together: :class:`~.metrics.StepLoss` (the step loss), the clipper, the
-:class:`~.actions.StepActions` (skip, rollback, stop through the optimizer's
-:class:`~gradclip_hf.integrations.optim.StepGate`), the :class:`~.metrics.MetricsWindow` (what is logged, read
-in one transfer per logging step) and the reporting (spike messages, W&B extras).
+It ties the per-step jobs together: :class:`~.metrics.StepLoss` (the step loss), the clipper and the run's
+step backend (:mod:`.backends`: where the clip and the skip happen), the one decision (:mod:`.decision`), the
+:class:`~.actions.StepActions` (rollback, stop, watchdogs), the :class:`~.metrics.MetricsWindow` (what is
+logged, read in one transfer per logging step) and the reporting (spike messages, the spike file).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Callable
 
-import torch
-
-from ...config import ClipConfig, check_max_grad_norm
-from ...core import ClipReport, GradClipper, SpikeEvent, StateError
-from ..optim import StepGate
-from . import compat
+from ..config import ClipConfig, check_max_grad_norm
+from ..core import ClipReport, GradClipper, SpikeEvent, StateError
+from ..core._checks import check_int, state_field
+from ..core._state import to_host
 from .actions import StepActions, logger
-from ...core._checks import check_int, state_field
-from ...core._state import to_host
+from .backends import LocalStep, StepBackend
+from .decision import skip_update
+from .messages import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages
 from .metrics import MetricsWindow, StepLoss
 from .records import EventRecorder
 from .skiplists import check_batch, check_start
-from .reporting import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages
 
-__all__ = ["ClipRun", "check_trainer", "RESET_HINT", "STOP_KEY"]
+__all__ = ["ClipRun", "RESET_HINT", "STOP_KEY"]
 
 RESET_HINT = ("to start the statistics fresh instead, set reset_statistics=True (clip_reset_statistics in "
               "GradClipTrainingArguments, on the command line and in the Axolotl YAML)")
 STOP_KEY = "gradclip/stop_reason"  # in the log row of the step the pack stopped the run at
 CAPACITY = 256  # flagged steps the device rings hold between two reads
-
-
-def check_trainer(trainer: Any, owner: str) -> None:
-    """Compatibility checked at train start, with the fix spelled out."""
-    if trainer is not None and compat.fsdp_version(trainer) == 1:
-        raise ValueError(
-            f"{owner}: FSDP1 (fsdp_version 1) shards flattened parameters into plain tensors, so each rank would "
-            f"measure only its own shard and ranks would clip differently. Use FSDP2: fsdp_config={{'version': 2}} "
-            f"in TrainingArguments (transformers 5.x), or fsdp_version: 2 in the accelerate config "
-            f"(FSDP_VERSION=2), whose DTensor gradients give the global norm; DDP works too.")
-
-
-def deepspeed_engine(trainer: Any, config: ClipConfig | None, clipper: GradClipper | None, owner: str) -> Any:
-    """Under DeepSpeed, the engine, once the configuration is checked (``ValueError`` with the fix); else ``None``."""
-    if trainer is None or not compat.is_deepspeed(trainer):
-        return None
-    from ..deepspeed import check_deepspeed
-
-    engine = compat.deepspeed_engine(trainer)
-    if engine is None or not hasattr(engine.optimizer, "clip_grad"):
-        raise ValueError(f"{owner}: DeepSpeed is on but its engine (Trainer.model_wrapped) or the ZeRO optimizer's "
-                         f"clip_grad was not found at train begin; use ZeRO stage 1, 2 or 3 (docs/distributed.md).")
-    check_deepspeed(config if clipper is None else None, clipper, compat.deepspeed_config(trainer),
-                    int(engine.zero_optimization_stage()), owner)
-    return engine
 
 
 class ClipRun:
@@ -72,8 +46,8 @@ class ClipRun:
     """
 
     def __init__(self, config: ClipConfig | None, clipper: GradClipper | None, *, args: Any, state: Any,
-                 optimizer: Any, owner: str, decode: Any = None, engine: Any = None,
-                 max_grad_norm: float | None = None):
+                 owner: str, optimizer: Any = None, backend: Callable[[GradClipper], StepBackend] | None = None,
+                 decode: Any = None, max_grad_norm: float | None = None):
         self.config, self.given_config, self.owner = config or ClipConfig(), config, owner
         self.state, self.open = state, True  # the TrainerState of this run; open until train() leaves
         if max_grad_norm is None:  # None in TrainingArguments: no clipping, as 0 (checked in build)
@@ -84,25 +58,18 @@ class ClipRun:
             self.threshold_source = self._describe_threshold(max_grad_norm)
         else:
             self.clipper, self.threshold_source = clipper, "a GradClipper passed in"
-        self.engine = None
-        if engine is not None:  # DeepSpeed: the engine clips at the threshold the pack sets before its step
-            from ..deepspeed import EngineClip
-
-            self.engine, optimizer = EngineClip(self.clipper, engine), None
-        inner = compat.inner_optimizer(optimizer) if optimizer is not None else None
-        self.gate = StepGate(inner) if isinstance(inner, torch.optim.Optimizer) else None
-        self.defer = self.gate is not None and self.gate.fused and self.config.defers_to_optimizer
-        scaler = (optimizer is not None and compat.scaler_enabled(optimizer)) or bool(
-            engine is not None and engine.fp16_enabled())  # fp16: the loss scaler skips overflow steps itself
-        self.actions = StepActions(self.clipper, self.config, self.gate, owner, scaler=scaler,
-                                   loss_scale=(lambda: compat.loss_scale(optimizer)) if optimizer is not None else None)
+        if backend is None:  # the local path, on ``optimizer``
+            self.backend: StepBackend = LocalStep(self.clipper, optimizer, hand_off=self.config.defers_to_optimizer)
+        else:
+            self.backend = backend(self.clipper)
+        self.actions = StepActions(self.clipper, self.config, self.backend, owner)
         self.skip_prints = self.config.skip_fingerprints() if clipper is None else {}
         self.main_process = bool(getattr(state, "is_world_process_zero", True))
         self.recorder = self._recorder(args, decode)
         self.loss, self.window = StepLoss(), MetricsWindow()
-        self.layers = LayerSelector(self.config.log_layers_top_k, self.config.log_layer_patterns)
-        if self.engine is not None:  # ZeRO partitions and frees the gradients inside its step: no per-layer norms
-            self.layers = LayerSelector(0, ())
+        self._step_loss: Any = None  # the step loss, when it was known before the last backward
+        top_k = self.config.log_layers_top_k if self.backend.layer_norms else 0
+        self.layers = LayerSelector(top_k, self.config.log_layer_patterns if self.backend.layer_norms else ())
         self.messages = SpikeMessages(self.clipper, owner, listed=self.actions.listed)
         self.last_report: ClipReport | None = None
         self.num_clips = self.skipped_steps = self.nonfinite_steps = 0
@@ -156,53 +123,51 @@ class ClipRun:
     def rollbacks(self) -> int:
         return self.actions.rollbacks
 
+    @property
+    def defer(self) -> bool:
+        """Whether this run hands the clip multiplier to the optimizer (a fused one) instead of the gradients."""
+        return self.backend.hand_off
+
     # ------------------------------------------------------------------ per step
+    def start(self, step: int) -> None:
+        """Train begin, once a resumed run's state is loaded: the backend starts from ``step``."""
+        self.backend.start(step)
+
+    def before_backward(self, loss: Any, last: bool, step: int) -> Any:
+        """A micro-batch's loss before its backward, where the integration sees it (``backend.loss_before_backward``:
+        DeepSpeed steps inside the last one); returns the loss to backpropagate. ``last``: the step's last
+        micro-batch (gradients are synced after it); ``step``: optimizer steps done before this one."""
+        self.loss.add(loss)
+        if last:
+            self._step_loss = self.loss.take()
+        return self.backend.before_backward(loss, last=last, step=step, step_loss=self._step_loss if last else None)
+
     def add_micro_batch(self, loss: Any, inputs: Any) -> None:
-        """A ``training_step``'s return and inputs: the step loss, and what identifies the batch (DeepSpeed:
-        :meth:`engine_inputs` and :meth:`engine_backward` took them before the engine stepped)."""
-        if self.engine is None:
+        """A micro-batch's return and inputs (after its ``training_step``): the step loss (unless
+        :meth:`before_backward` took it) and what identifies the batch."""
+        if not self.backend.loss_before_backward:
             self.loss.add(loss)
-            self.recorder.batches.add(inputs)
+        self.recorder.batches.add(inputs)
 
-    def engine_inputs(self, inputs: Any) -> None:
-        """DeepSpeed: a ``training_step``'s inputs, before it runs (the engine steps inside it)."""
-        if self.engine is not None:
-            self.recorder.batches.add(inputs)
-
-    def engine_backward(self, loss: Any, sync: bool, step: int) -> None:
-        """DeepSpeed: ``accelerator.backward(loss)`` is about to run; at the step's last micro-batch (``sync``)
-        the engine steps inside it, so its threshold is set now, from the step loss."""
-        if self.engine is not None:
-            self.loss.add(loss)
-            if sync:
-                self.engine.prepare(step, self.loss.take())
-
-    def step(self, model: Any, state: Any, optimizer: Any) -> ClipReport | None:
-        """Before ``optimizer.step()``: unscale fp16 gradients once, clip once, arm the step's decision. Under
-        DeepSpeed the engine has stepped already: its norm is read back (:meth:`EngineClip.report`)."""
+    def clip_step(self, model: Any, state: Any) -> ClipReport | None:
+        """Before the update of the step (``optimizer.step()``): measure and clip once, decide once, and hand the
+        decision to the update (:mod:`.backends`). A second call at the same step returns the first's report."""
         step = int(state.global_step)
         if self._clipped_step == step:  # a second hook at the same step: never clip twice
             return self.last_report
         self._clipped_step = step
-        if self.engine is not None:
-            loss, report = self.engine.loss, self.engine.report()
-            if report is None:
-                return self.last_report
-            skip = report.skip  # what the engine did: it skips non-finite steps, nothing else
-        else:
-            if optimizer is not None:
-                compat.unscale_once(optimizer)
-            loss = self.loss.take()
-            report = self.clipper.plan(model, step=step, loss=loss)
-            self.clipper.apply_(report, hand_off=self.defer)
-            skip = self.actions.skip_flag(report)
-        self.window.add(report, skip, keep_spike_layers=self.layers.top_k > 0)
-        inner = compat.inner_optimizer(optimizer) if optimizer is not None else None
-        self.actions.after_clip(report, skip, loss, model, inner)
+        loss, self._step_loss = (self._step_loss if self._step_loss is not None else self.loss.take()), None
+        report = self.backend.measure(model, step, loss)
+        if report is None:
+            return self.last_report
         listed = step + 1 in self.actions.listed
+        skip = skip_update(report, self.backend, listed)
+        self.window.add(report, skip, keep_spike_layers=self.layers.top_k > 0)
+        skip_now = self.actions.after_decision(report, skip, loss, model, listed)
+        self.backend.apply(report, skip, skip_now)
         if listed and self.main_process:
             check_batch(step + 1, self.skip_prints.get(step + 1), self.recorder.batches)
-        self.recorder.step(report, loss, skip, len(report.names))
+        self.recorder.record_step(report, loss, skip, len(report.names))
         if listed:
             self.recorder.add_listed(step + 1)
         self.num_clips += 1
@@ -283,12 +248,10 @@ class ClipRun:
         return metrics
 
     def close(self) -> None:
-        """Train end (or any exit): the gate off the optimizer; the counts and spikes of a last window that was
-        not logged are read (one transfer, and one more for the spike messages if it had spikes)."""
-        if self.gate is not None:
-            self.gate.remove()
-        if self.engine is not None:
-            self.engine.restore()
+        """Train end (or any exit): the backend puts back what it changed (the gate off the optimizer); the counts
+        and spikes of a last window that was not logged are read (one transfer, and one more for the spike
+        messages if it had spikes)."""
+        self.backend.close()
         if self.window.sums is not None:
             counts = to_host({k: self.window.sums[k] for k in ("skipped", "nonfinite", "spikes")})
             self.skipped_steps += int(counts["skipped"][0])
