@@ -33,6 +33,7 @@ and torch only: ``transformers`` need not be installed.
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
@@ -178,9 +179,16 @@ class AcceleratorClipper:
         return self.run.metrics(self.state)
 
     @property
-    def step(self) -> int:
-        """Optimizer steps clipped so far."""
+    def global_step(self) -> int:
+        """Optimizer steps clipped so far (as ``TrainerState.global_step`` and the spike file number them)."""
         return self.state.global_step
+
+    @property
+    def step(self) -> int:
+        """Deprecated name of :attr:`global_step`."""
+        warnings.warn("AcceleratorClipper.step is deprecated: use AcceleratorClipper.global_step (the optimizer steps "
+                      "clipped so far).", DeprecationWarning, stacklevel=2)
+        return self.global_step
 
     @property
     def stop_reason(self) -> str | None:

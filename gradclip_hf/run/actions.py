@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..config import ClipConfig
 from ..core import ClipReport, GradClipper, SpikeAction, TrainingSnapshot
+from ..core._checks import check_int, state_field
 from ..core.spikes import reduce_loss
 from .backends import StepBackend
 from .messages import logger
@@ -33,16 +34,18 @@ __all__ = ["StepActions"]
 
 
 class _Runs:
-    """Device counters of consecutive steps where a condition held (current run, longest since the read)."""
+    """Device counters of consecutive steps where a condition held (current run, longest since the read); the
+    current run is saved with checkpoints (:meth:`length`) and goes on after a resume (:meth:`resume`)."""
 
     def __init__(self) -> None:
         self.current: Tensor | None = None
         self.worst: Tensor | None = None
+        self._resumed = 0  # the run a checkpoint saved, until the first step puts it on the device
 
     def add(self, condition: Tensor) -> None:
         if self.current is None:
-            self.current = torch.zeros((), dtype=torch.int64, device=condition.device)
-            self.worst = torch.zeros_like(self.current)
+            self.current = torch.full((), self._resumed, dtype=torch.int64, device=condition.device)
+            self.worst = self.current.clone()
         self.current = torch.where(condition, self.current + 1, torch.zeros_like(self.current))
         torch.maximum(self.worst, self.current, out=self.worst)
 
@@ -52,6 +55,13 @@ class _Runs:
             return None
         worst, self.worst = self.worst, self.current.clone()
         return worst
+
+    def length(self) -> int:
+        """The current run (one host read: at checkpoint saves)."""
+        return self._resumed if self.current is None else int(self.current.item())
+
+    def resume(self, length: int) -> None:
+        self._resumed, self.current, self.worst = length, None, None
 
 
 class StepActions:
@@ -88,6 +98,16 @@ class StepActions:
         acting = self.action in (SpikeAction.ROLLBACK, SpikeAction.STOP)
         can_skip = self.guard or self.action is SpikeAction.SKIP
         return acting or (can_skip and self.backend.host_decision)
+
+    def state_dict(self) -> dict[str, int]:
+        """The watchdogs' current runs (consecutive non-finite steps, steps above ``loss_cap``), JSON-safe."""
+        return {"nonfinite_run": self.nonfinite_runs.length(), "loss_cap_run": self.loss_runs.length()}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Go on counting from :meth:`state_dict`'s runs (every field checked: ``StateError`` naming it)."""
+        runs = {key: state_field(state, key, check_int, low=0, high=2**53) for key in ("nonfinite_run", "loss_cap_run")}
+        self.nonfinite_runs.resume(runs["nonfinite_run"])
+        self.loss_runs.resume(runs["loss_cap_run"])
 
     def _watch(self, report: ClipReport, loss: Tensor | None) -> None:
         if self.guard:

@@ -284,7 +284,8 @@ class ClipRun:
         """JSON-safe: the clipper's statistics and the counters, and the options of the run (for readers such as
         ``gradclip-hf report``; never loaded back: the options of the resumed run win)."""
         state = {"clipper": self.clipper.state_dict(), "skipped_steps": self.skipped_steps,
-                 "rollbacks": self.actions.rollbacks, "events_seen": self.messages.seen}
+                 "rollbacks": self.actions.rollbacks, "events_seen": self.messages.seen,
+                 "watchdogs": self.actions.state_dict()}
         if self.stop_reason is not None:  # why this run ended (read by people and reports; not loaded back)
             state.update(stop_reason=self.stop_reason, stop_step=self.actions.stop_step)
         if self.given_config is not None:
@@ -309,6 +310,13 @@ class ClipRun:
             counts = {key: state_field(state, key, check_int, low=0, high=2**53) if key in state else 0
                       for key in ("skipped_steps", "rollbacks", "events_seen")}
             _check_stop(state)  # the stop of the run that saved it: checked, not loaded (this run goes on)
+            watchdogs = state.get("watchdogs", {"nonfinite_run": 0, "loss_cap_run": 0})  # absent: saved before 24.6
+            if not isinstance(watchdogs, dict):
+                raise StateError("watchdogs", watchdogs, "a dict (the watchdogs' current runs) or absent")
+            try:
+                self.actions.load_state_dict(watchdogs)
+            except StateError as error:
+                raise error.within("watchdogs") from None
             self.skipped_steps, self.actions.rollbacks, self.messages.seen = counts.values()
         except StateError as error:
             raise StateError(f"run.{error.field}", error.value, error.allowed, f"{source}; {RESET_HINT}") from None

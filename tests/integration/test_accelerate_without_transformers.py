@@ -75,7 +75,7 @@ for step in range(40):
 clipper.close()
 print(json.dumps({"blocked": blocked, "transformers": sorted(m for m in sys.modules if m.startswith("transformers")),
                   "unchanged": unchanged, "spikes": [e.step for e in clipper.spike_events], "logged": logged,
-                  "steps": clipper.step}))
+                  "steps": clipper.global_step}))
 '''
 
 
