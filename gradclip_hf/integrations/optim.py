@@ -6,11 +6,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-__all__ = ["StepGate", "supports_grad_scale"]
+_MOVED = ("StepGate", "supports_grad_scale")
 
 
 def __getattr__(name: str) -> Any:
-    if name not in __all__:
+    if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     warnings.warn(f"gradclip_hf.integrations.optim.{name} moved to gradclip_hf.run.{name}; the old name will be "
                   f"removed.", DeprecationWarning, stacklevel=2)

@@ -98,3 +98,29 @@ def test_clip_config_errors_and_schedules():
     clipper = config.build(100)
     assert clipper.scale_at(0) == 1.0 and clipper.scale_at(10) == 0.5
     assert ClipConfig(**ClipConfig(norm_type="inf").to_dict()) == ClipConfig(norm_type=float("inf"))
+
+
+GradClipSeq2SeqArgs = None  # made below with module=__name__: pickled by reference to this module
+
+
+def test_with_clip_options_takes_the_module_explicitly_and_pickles_by_reference(tmp_path):
+    """Issue 24.5: no stack walk; the class is defined in the module it is given (else in the pack's module)."""
+    import pickle
+
+    from gradclip_hf.core import OptionError
+    from gradclip_hf.integrations.transformers import arguments, with_clip_options
+
+    global GradClipSeq2SeqArgs
+    GradClipSeq2SeqArgs = with_clip_options(transformers.Seq2SeqTrainingArguments, "GradClipSeq2SeqArgs",
+                                            module=__name__)
+    args = GradClipSeq2SeqArgs(output_dir=str(tmp_path), clip_strategy="zscore", report_to="none")
+    assert GradClipSeq2SeqArgs.__module__ == __name__ and not hasattr(arguments, "GradClipSeq2SeqArgs")
+    assert type(pickle.loads(pickle.dumps(args))) is GradClipSeq2SeqArgs
+    default = with_clip_options(transformers.Seq2SeqTrainingArguments)  # lives in the pack's module
+    assert default.__module__ == arguments.__name__ and arguments.GradClipSeq2SeqTrainingArguments is default
+    again = with_clip_options(transformers.Seq2SeqTrainingArguments)  # a later call replaces it
+    assert arguments.GradClipSeq2SeqTrainingArguments is again is not default
+    with pytest.raises(OptionError, match="`name` must be a name not already used"):
+        with_clip_options(transformers.TrainingArguments, "PREFIX")
+    with pytest.raises(OptionError, match="`module` must be the name of the module"):
+        with_clip_options(transformers.TrainingArguments, module="")

@@ -8,7 +8,6 @@ Each ``train()`` gets a fresh :class:`~gradclip_hf.run.ClipRun`.
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Any, Optional
 
 from transformers import TrainerCallback
@@ -18,9 +17,10 @@ from ...config import ClipConfig
 from ...core import GradClipper, OptionError
 from ...core._checks import UnknownOptionError
 from ...run import ClipRun
+from ...run.compat import inner_optimizer
 from . import compat
 from .console import ConsoleTrim
-from .session import ClipSession, restore_state
+from .session import ClipSession, bind_session, bound_session, checkpoint_session, restore_state
 from .wrappers import release, wrap
 
 __all__ = ["GradClipCallback", "ClipSession", "ConsoleTrim", "release"]
@@ -62,28 +62,32 @@ class GradClipCallback(TrainerCallback, ExportableState):
         * Clips in ``on_pre_optimizer_step``, after backward, gradient reduction and (fp16) the unscale,
           once per optimizer step. The threshold defaults to ``max_grad_norm``. The Trainer's own clipping
           does nothing while the run is active; ``TrainingArguments`` are never changed.
-        * At train begin it finds its Trainer on the call stack and wraps that instance's ``training_step``
-          (the step loss), ``log`` (metrics into the logs before W&B/TensorBoard see them) and the Trainer's
-          own clip and norm calls; the wrappers act only during that run and are removed at train end. If
-          no Trainer is found it warns and logs through ``on_log`` (after the reporters).
+        * At train begin it finds its Trainer on the call stack (a callback is never handed one; ``attach()``
+          names it instead) and wraps that instance's ``training_step`` (the step loss), ``log`` (metrics into
+          the logs before W&B/TensorBoard see them) and the Trainer's own clip and norm calls; the wrappers act
+          only during that run and are removed at train end. If no Trainer is found it warns and logs through
+          ``on_log`` (after the reporters).
+        * With ``restore_callback_states_from_checkpoint`` the Trainer rebuilds the callback from its ``state()``
+          (``args`` ``{"_restore": True}``: a stand-in) and appends it last; at train begin the stand-in takes
+          over the session of its Trainer (``GradClipMixin``, ``attach()``, or a Trainer that trained before):
+          your options win. Only a bare callback in a Trainer's first ``train()`` has none to take over: it runs
+          with the options saved in the checkpoint, and says so (:func:`~.session.checkpoint_session`).
         * Skips go through the optimizer's step hooks; state is saved in checkpoints (``ExportableState``)
           and restored when resuming, also from checkpoints written without the pack (fresh statistics).
     """
 
     def __init__(self, config: Optional[ClipConfig | dict] = None, clipper: Optional[GradClipper] = None,
                  _restore: bool = False, **options: Any):
-        session = self._replaced_session() if _restore else None
-        if session is None:
-            if _restore:  # rebuilt from a checkpoint outside a Trainer: only the defaults are known
-                options, config = {}, None
-            if clipper is not None and (config is not None or options):
-                raise OptionError("clipper", clipper, "None when ClipConfig options are given")
-            if clipper is not None and not isinstance(clipper, GradClipper):
-                raise OptionError("clipper", clipper, "a GradClipper or None")
-            config = _as_config(config, options)
-            session = ClipSession(config if clipper is not None or config is not None else ClipConfig(), clipper,
-                                  owner=type(self).__name__)
-        self.session = session
+        self.restored = bool(_restore)  # the Trainer rebuilt it from a checkpoint: a stand-in until train begin
+        if _restore:
+            options, config, clipper = {}, None, None
+        if clipper is not None and (config is not None or options):
+            raise OptionError("clipper", clipper, "None when ClipConfig options are given")
+        if clipper is not None and not isinstance(clipper, GradClipper):
+            raise OptionError("clipper", clipper, "a GradClipper or None")
+        config = _as_config(config, options)
+        self.session = ClipSession(config if clipper is not None or config is not None else ClipConfig(), clipper,
+                                   owner=type(self).__name__)
         self._fallback_logging = False
 
     @property
@@ -97,20 +101,14 @@ class GradClipCallback(TrainerCallback, ExportableState):
 
     def bind(self, trainer: Any) -> "GradClipCallback":
         """Bind to a ``GradClipMixin`` Trainer, whose class overrides do what the wrappers would."""
-        self.session.trainer_ref, self.session.bound = weakref.ref(trainer), True
+        bind_session(trainer, self.session, bound=True)
         return self
 
     def attach(self, trainer: Any) -> "GradClipCallback":
         """Name the Trainer this callback will run in (plugins that are handed it: Axolotl's
         ``add_callbacks_post_trainer``), instead of finding it on the call stack at train begin."""
-        self.session.trainer_ref, self.session.bound = weakref.ref(trainer), False
+        bind_session(trainer, self.session, named=True)
         return self
-
-    @classmethod
-    def _replaced_session(cls) -> ClipSession | None:
-        trainer = compat.find_trainer()
-        current = [cb for cb in trainer.callback_handler.callbacks if type(cb) is cls] if trainer else []
-        return current[0].session if current else None
 
     # ------------------------------------------------------------------ ExportableState
     def state(self) -> dict:
@@ -124,17 +122,21 @@ class GradClipCallback(TrainerCallback, ExportableState):
         return control
 
     def on_train_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
+        named = self.session.trainer if self.session.named else None
+        trainer = named or compat.find_trainer() or self.session.trainer  # the one stack walk: callbacks=[...]
+        if self.restored:  # rebuilt from a checkpoint: the session of its Trainer, else the checkpoint's options
+            self.restored = False
+            self.session = bound_session(trainer) or checkpoint_session(state, type(self).__name__)
         session = self.session
-        trainer = session.trainer if session.bound else (compat.find_trainer() or session.trainer)
         if trainer is not None:
-            session.trainer_ref = weakref.ref(trainer)
+            bind_session(trainer, session)
             _check_single(trainer, session)
         self._fallback_logging = trainer is None
         if trainer is None:
             _warn("gradclip: GradClipCallback could not find its Trainer on the call stack: it "
                        "clips, but cannot see the step loss, and logs its metrics through on_log (after W&B and "
                        "TensorBoard). Use GradClipTrainer or GradClipMixin for the full integration.")
-        if trainer is None and optimizer is not None and hasattr(compat.inner_optimizer(optimizer), "clip_grad"):
+        if trainer is None and optimizer is not None and hasattr(inner_optimizer(optimizer), "clip_grad"):
             raise ValueError("gradclip: GradClipCallback under DeepSpeed needs its Trainer (not found on the call "
                              "stack): use GradClipTrainer / GradClipMixin, or callback.attach(trainer).")
         run = session.begin(trainer, args, state, optimizer, train_dataloader)
@@ -144,7 +146,6 @@ class GradClipCallback(TrainerCallback, ExportableState):
         state.stateful_callbacks[type(self).__name__] = self.state()  # a later save finds our entry
         if trainer is not None:
             wrap(trainer, session, methods=not session.bound)
-            ConsoleTrim.place(trainer)
         return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):

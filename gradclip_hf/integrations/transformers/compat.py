@@ -23,6 +23,15 @@ grad_norm=None)``                                              active: the Train
 ``accelerator.state.fsdp_plugin``       yes         yes        FSDP1 refusal (flat local shards)
 ``TrainerState.stateful_callbacks``     yes         yes        our entry is added at train begin, so a resume
                                                                 from a checkpoint written without us can save
+``Trainer.pop_callback``,               yes         yes        public; with ``callback_handler.callbacks``
+``Trainer.add_callback``,                                       (read only) a callback is placed before another
+``callback_handler.callbacks`` (read)                           one (:func:`insert_callback`): first for the
+                                                                mixin, the console filter before the printer
+``Trainer._load_callback_state``        yes         yes        not called: with ``restore_callback_states_from_
+(``restore_callback_states_from_                                checkpoint`` it rebuilds each stored callback as
+checkpoint``)                                                   ``type(cb)(**state["args"])``, drops the old one
+                                                                and appends the new one last (a stand-in that
+                                                                takes over its Trainer's session at train begin)
 ``DataLoaderShard.batch_sampler``,      1.15        1.15       the train dataloader's index sampler: its
 ``BatchSamplerShard.batch_sampler``                             instance's class is swapped for a recording
                                                                 subclass for the run (records name the indices)
@@ -64,7 +73,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["train_sampler", "find_trainer", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks", "deepspeed_clipping",
+__all__ = ["train_sampler", "find_trainer", "insert_callback", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks", "deepspeed_clipping",
            "deepspeed_engine", "deepspeed_config"]
 
 
@@ -80,7 +89,9 @@ def has_grad_norm_hooks() -> bool:
 
 
 def find_trainer(max_depth: int = 32) -> Any | None:
-    """The ``transformers.Trainer`` whose method is on the call stack (callbacks get no reference)."""
+    """The ``transformers.Trainer`` whose method is on the call stack: a callback passed in ``callbacks=[...]`` is
+    never handed its Trainer, so ``GradClipCallback`` looks for it here at train begin (the pack's one stack walk;
+    ``GradClipMixin`` and ``attach()`` hand it over instead)."""
     trainer_cls = _trainer_cls()
     frame = sys._getframe(1)
     depth = 0
@@ -93,6 +104,21 @@ def find_trainer(max_depth: int = 32) -> Any | None:
     finally:
         del frame
     return None
+
+
+def insert_callback(trainer: Any, callback: Any, before: Any = None) -> None:
+    """Add ``callback`` right before the first of ``trainer``'s callbacks for which ``before(cb)`` holds (first of
+    all without ``before``; last when none does), with the public ``pop_callback``/``add_callback`` only: the
+    callbacks from that one on are popped and added back after it, in their order. Not while a callback event
+    is being dispatched (the handler iterates over the list)."""
+    callbacks = trainer.callback_handler.callbacks  # read only
+    at = next((i for i, cb in enumerate(callbacks) if before is None or before(cb)), len(callbacks))
+    tail = list(callbacks[at:])
+    for cb in tail:
+        trainer.pop_callback(cb)
+    trainer.add_callback(callback)
+    for cb in tail:
+        trainer.add_callback(cb)
 
 
 def is_deepspeed(trainer: Any) -> bool:

@@ -1,5 +1,7 @@
 """``ConsoleTrim``: the per-layer keys stay out of the console's log lines (W&B, TensorBoard and
-``trainer_state.json`` keep them)."""
+``trainer_state.json`` keep them). Placed right before the printer with the Trainer's public ``pop_callback`` /
+``add_callback`` (:func:`~.compat.insert_callback`), from the run's first log, when no callback event is being
+dispatched; removed at train end."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ...run.messages import is_layer_key
+from .compat import insert_callback
 
 __all__ = ["ConsoleTrim"]
 
@@ -25,13 +28,11 @@ class ConsoleTrim(TrainerCallback):
 
     @classmethod
     def place(cls, trainer: Any) -> None:
-        callbacks = trainer.callback_handler.callbacks
-        if any(isinstance(cb, cls) for cb in callbacks):
-            return
-        printers = [i for i, cb in enumerate(callbacks) if isinstance(cb, (PrinterCallback, ProgressCallback))]
-        callbacks.insert(printers[0] if printers else len(callbacks), cls())
+        """Right before the console printer (``PrinterCallback``/``ProgressCallback``), once."""
+        if not any(isinstance(cb, cls) for cb in trainer.callback_handler.callbacks):
+            insert_callback(trainer, cls(), before=lambda cb: isinstance(cb, (PrinterCallback, ProgressCallback)))
 
     @classmethod
     def remove(cls, trainer: Any) -> None:
-        callbacks = trainer.callback_handler.callbacks
-        callbacks[:] = [cb for cb in callbacks if not isinstance(cb, cls)]
+        while trainer.pop_callback(cls) is not None:
+            pass

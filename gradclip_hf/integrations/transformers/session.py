@@ -1,11 +1,17 @@
 """``ClipSession``: what one entry point (a ``GradClipCallback``, and through it ``GradClipMixin``) keeps across
 runs: the options, a user's clipper, the Trainer it is bound to, the current :class:`~gradclip_hf.run.ClipRun`.
 Each ``train()`` gets a fresh run, on the step backend its Trainer needs (DeepSpeed's engine, or the local one).
+
+A session is registered by the Trainer it is bound to as soon as that Trainer is known (:func:`bind_session`:
+``GradClipMixin`` and ``attach()`` at construction, a bare callback at its first train begin): a callback the
+Trainer rebuilds from a checkpoint (``restore_callback_states_from_checkpoint``) takes it over
+(:func:`bound_session`), so the user's options win over the checkpoint's.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Optional
 
 from ...config import ClipConfig
@@ -17,7 +23,10 @@ from ..deepspeed import EngineStep, check_deepspeed
 from . import compat
 from .wandb_glue import WandbGlue
 
-__all__ = ["ClipSession", "check_trainer", "deepspeed_engine", "restore_state"]
+__all__ = ["ClipSession", "check_trainer", "deepspeed_engine", "restore_state", "bind_session", "bound_session",
+           "checkpoint_session"]
+
+_BOUND: "weakref.WeakKeyDictionary[Any, ClipSession]" = weakref.WeakKeyDictionary()  # Trainer -> its session
 
 
 def _warn(message: str) -> None:
@@ -55,9 +64,9 @@ class ClipSession:
         self.user_clipper_state = clipper.state_dict() if clipper is not None else None
         self.trainer_ref: Any = None
         self.bound = False  # GradClipMixin: the Trainer class overrides; no instance wrapping
+        self.named = False  # the Trainer was handed to us (GradClipMixin, attach()): no stack walk for it
         self.run: ClipRun | None = None
         self.wandb: WandbGlue | None = None
-        self.pending_state: dict[str, Any] | None = None
 
     @property
     def trainer(self) -> Any:
@@ -112,7 +121,47 @@ class ClipSession:
     def state(self) -> dict[str, Any]:
         if self.run is not None:
             return self.run.state_dict()
-        return dict(self.pending_state or {})
+        return {}
+
+
+def bind_session(trainer: Any, session: ClipSession, *, bound: bool = False, named: bool = False) -> None:
+    """``session`` runs in ``trainer``, from now on held by it (weakly: nothing outlives the Trainer). ``named``:
+    the Trainer was handed to us (``attach()``; ``bound``: ``GradClipMixin``, whose class overrides do what the
+    instance wrappers would); else it was found on the call stack at train begin."""
+    session.trainer_ref = weakref.ref(trainer)
+    session.bound, session.named = session.bound or bound, session.named or named or bound
+    _BOUND[trainer] = session
+
+
+def bound_session(trainer: Any) -> ClipSession | None:
+    """The session bound to ``trainer`` (:func:`bind_session`), else ``None``."""
+    return _BOUND.get(trainer) if trainer is not None else None
+
+
+def checkpoint_session(state: Any, name: str) -> ClipSession:
+    """For a callback the Trainer rebuilt from a checkpoint when no session is bound to its Trainer (a bare
+    ``GradClipCallback`` resumed with ``restore_callback_states_from_checkpoint`` in a Trainer's first
+    ``train()``): the options of the run that saved the checkpoint, as the Trainer restores
+    ``EarlyStoppingCallback``'s, said once; ``ValueError`` with the fixes where they were not saved."""
+    owner = name
+    saved = (state.stateful_callbacks or {}).get(name) if isinstance(state.stateful_callbacks, dict) else None
+    saved = saved[-1] if isinstance(saved, list) and saved else saved
+    run = saved.get("run") if isinstance(saved, dict) else None
+    options = run.get("config") if isinstance(run, dict) else None
+    fixes = (f"leave restore_callback_states_from_checkpoint unset (the pack restores its statistics either "
+             f"way), or use GradClipTrainer / GradClipMixin, or {owner}(...).attach(trainer)")
+    if not isinstance(options, dict):
+        raise ValueError(f"gradclip: the Trainer rebuilt {owner} from the checkpoint at step {state.global_step} "
+                         f"(restore_callback_states_from_checkpoint=True), which holds no options of the pack (a "
+                         f"GradClipper was passed in): the callback you passed cannot be reached. To resume, "
+                         f"{fixes}.")
+    config = ClipConfig.from_dict(options, owner=f"the options saved in the checkpoint at step {state.global_step}")
+    logger.warning("gradclip: the Trainer rebuilt %s from the checkpoint at step %d (restore_callback_states_from_"
+                   "checkpoint=True): it runs with the options saved there (%s), not with those of the callback you "
+                   "passed, which the rebuilt one cannot reach. To resume with other options, %s.", owner,
+                   state.global_step, ", ".join(f"{k}={v!r}" for k, v in config.non_default().items()) or "defaults",
+                   fixes)
+    return ClipSession(config, None, owner)
 
 
 def restore_state(run: ClipRun, state: Any, name: str) -> None:

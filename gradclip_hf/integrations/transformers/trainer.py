@@ -10,6 +10,8 @@ from ...config import ClipConfig
 from ...core import GradClipper, OptionError
 from ...run import ClipRun
 from .callback import GradClipCallback
+from .compat import insert_callback
+from .console import ConsoleTrim
 from .session import ClipSession
 from .wrappers import release
 
@@ -59,7 +61,7 @@ class GradClipMixin:
         callback = GradClipCallback(config=clip_config, clipper=clipper).bind(self)
         callback.session.owner = type(self).__name__
         self._gradclip_callback = callback
-        self.callback_handler.callbacks.insert(0, callback)
+        insert_callback(self, callback)  # first: it clips before other callbacks' on_pre_optimizer_step
 
     @property
     def clip_session(self) -> ClipSession:
@@ -87,6 +89,7 @@ class GradClipMixin:
     def log(self, logs, *args: Any, **kwargs: Any) -> None:
         run = self.clip_session.live(self)
         if run is not None:
+            ConsoleTrim.place(self)
             run.inject(logs, self.state)
         return super().log(logs, *args, **kwargs)
 

@@ -50,6 +50,7 @@ def wrap(trainer: Any, session: ClipSession, methods: bool = True) -> None:
     def log(original, logs, *a, **kw):
         run = session.live(trainer)
         if run is not None:
+            ConsoleTrim.place(trainer)
             run.inject(logs, trainer.state)
         return original(logs, *a, **kw)
 
