@@ -521,7 +521,7 @@ def _train(tmp_path, name, trainer_cls="stock", steps=20, logging_steps=1, spike
     import torch
 
     from gradclip_hf import ClipConfig, GradClipTrainer
-    from gradclip_hf.experiments.bytelm import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
+    from gradclip_hf.standins import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
 
     torch.set_num_threads(1)
     data = ByteLMDataset(stdlib_text(80_000), block_size=64, num_blocks=128)

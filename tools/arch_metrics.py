@@ -18,7 +18,7 @@ LAYERS = [("gradclip_hf.core", 0),
           ("gradclip_hf.run", 3),
           ("gradclip_hf.integrations", 4), ("gradclip_hf.standins", 4),
           ("gradclip_hf.report", 5), ("gradclip_hf.charts", 5),
-          ("gradclip_hf.experiments", 6), ("gradclip_hf.demo", 6),
+          ("gradclip_hf.demo", 6),
           ("gradclip_hf.cli", 7), ("gradclip_hf.__main__", 7), ("gradclip_hf", 2)]
 
 

@@ -2,7 +2,6 @@
 
 import json
 import math
-from unittest import mock
 
 import pytest
 from host_sync import no_host_sync

@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from host_sync import no_host_sync  # noqa: E402
 
 from gradclip_hf.config import ClipConfig  # noqa: E402
-from gradclip_hf.experiments.bytelm import tiny_llama  # noqa: E402
+from gradclip_hf.standins import tiny_llama  # noqa: E402
 from gradclip_hf.integrations.accelerate import AcceleratorClipper  # noqa: E402
 
 BATCH = 2

@@ -11,7 +11,7 @@ import torch
 from helpers import assert_same_weights, make_args, train_logs, weights
 from gradclip_hf.config import ClipConfig
 from gradclip_hf.core import GradClipper
-from gradclip_hf.experiments.bytelm import tiny_llama
+from gradclip_hf.standins import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
@@ -79,7 +79,7 @@ def bpe_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from gradclip_hf.experiments.bytelm import stdlib_text
+    from gradclip_hf.standins import stdlib_text
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -94,7 +94,7 @@ def bpe_tokenizer():
 def test_trl_sft_trainer_with_callback_and_mixin(tmp_path, bpe_tokenizer):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    from gradclip_hf.experiments.bytelm import stdlib_text
+    from gradclip_hf.standins import stdlib_text
 
     text = stdlib_text(60_000)
     data = datasets.Dataset.from_dict({"text": [text[i:i + 200] for i in range(0, 40_000, 200)]})

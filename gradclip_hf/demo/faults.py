@@ -1,4 +1,5 @@
-"""Fault injection for Trainer runs: bad batches, a learning-rate mistake, non-finite activations.
+"""Fault injection for the demo's Trainer runs (and the benchmark gallery's, ``benchmarks/harness``): bad batches,
+a learning-rate mistake, non-finite activations.
 
 Every fault has a clean counterfactual with the same initialisation, data order and steps:
 
@@ -22,14 +23,15 @@ import torch
 from torch.utils.data import IterableDataset
 from transformers import TrainerCallback
 
-from .bytelm import BOS_ID, rare_byte_block
+from ..standins import BOS_ID, rare_byte_block
 
-__all__ = ["BATCH_FAULTS", "StepStream", "LRFault", "NonFiniteFault", "batch_fault"]
+__all__ = ["BATCH_FAULTS", "BatchFault", "Item", "item", "StepStream", "LRFault", "NonFiniteFault", "batch_fault"]
 
 Item = dict[str, torch.Tensor]
 
 
-def _item(ids: torch.Tensor, labels: torch.Tensor | None = None) -> Item:
+def item(ids: torch.Tensor, labels: torch.Tensor | None = None) -> Item:
+    """A training item of ``ids`` (its ``labels``, else the ids themselves), every position attended."""
     return {"input_ids": ids, "labels": ids.clone() if labels is None else labels,
             "attention_mask": torch.ones_like(ids)}
 
@@ -41,7 +43,7 @@ def _generator(seed: int, step: int) -> torch.Generator:
 def garbage(clean: Sequence[Item], step: int, seed: int) -> list[Item]:
     """Random bytes 128-255, never seen in the ASCII training text ("rare token" batches)."""
     g = _generator(seed, step)
-    return [_item(rare_byte_block(len(c["input_ids"]), g)) for c in clean]
+    return [item(rare_byte_block(len(c["input_ids"]), g)) for c in clean]
 
 
 def utf16_shard(clean: Sequence[Item], step: int, seed: int) -> list[Item]:
@@ -50,7 +52,7 @@ def utf16_shard(clean: Sequence[Item], step: int, seed: int) -> list[Item]:
     for c in clean:
         ids = c["input_ids"]
         body = torch.stack([ids[1:], torch.zeros_like(ids[1:])], dim=1).flatten()[: len(ids) - 1]
-        out.append(_item(torch.cat([torch.tensor([BOS_ID]), body])))
+        out.append(item(torch.cat([torch.tensor([BOS_ID]), body])))
     return out
 
 
@@ -65,29 +67,19 @@ def label_noise(clean: Sequence[Item], step: int, seed: int) -> list[Item]:
         labels = other["labels"].clone()
         if n == 1:
             labels = labels[torch.randperm(len(labels), generator=g)]
-        out.append(_item(c["input_ids"], labels))
+        out.append(item(c["input_ids"], labels))
     return out
 
 
-def null(clean: Sequence[Item], step: int, seed: int) -> list[Item]:
-    """Not a fault: other clean items (the batch's items with every byte kept, in a rotated order of
-    positions: ``ids.roll(1)`` after the first byte). Its "damage" is the noise floor of the measure."""
-    out = []
-    for c in clean:
-        ids = c["input_ids"]
-        body = ids[1:].roll(ids.numel() // 2)
-        out.append(_item(torch.cat([ids[:1], body])))
-    return out
+BatchFault = Callable[[Sequence[Item], int, int], list[Item]]
+BATCH_FAULTS: dict[str, BatchFault] = {"garbage": garbage, "utf16_shard": utf16_shard, "label_noise": label_noise}
 
 
-BATCH_FAULTS: dict[str, Callable[[Sequence[Item], int, int], list[Item]]] = {
-    "garbage": garbage, "utf16_shard": utf16_shard, "label_noise": label_noise, "null": null}
-
-
-def batch_fault(kind: str) -> Callable[[Sequence[Item], int, int], list[Item]]:
-    if kind not in BATCH_FAULTS:
-        raise ValueError(f"batch fault {kind!r} is not one of {sorted(BATCH_FAULTS)}.")
-    return BATCH_FAULTS[kind]
+def batch_fault(kind: str, faults: dict[str, BatchFault] = BATCH_FAULTS) -> BatchFault:
+    """The batch fault ``kind`` of ``faults``; ``ValueError`` naming the known ones."""
+    if kind not in faults:
+        raise ValueError(f"batch fault {kind!r} is not one of {sorted(faults)}.")
+    return faults[kind]
 
 
 class StepStream(IterableDataset):

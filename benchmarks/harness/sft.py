@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .bytelm import BOS_ID, PAD_ID
+from gradclip_hf.standins import BOS_ID, PAD_ID
 
 __all__ = ["sft_examples", "pad_collate", "IGNORE"]
 

@@ -10,9 +10,9 @@ import pytest
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")
 
-from gradclip_hf.experiments.sweep import RunStore, run_grid  # noqa: E402
-from gradclip_hf.experiments.tasks import Settings  # noqa: E402
-from gradclip_hf.experiments.training import train_one  # noqa: E402
+from benchmarks.harness.sweep import RunStore, run_grid  # noqa: E402
+from benchmarks.harness.tasks import Settings  # noqa: E402
+from benchmarks.harness.training import train_one  # noqa: E402
 
 TINY = Settings(steps=20, hidden=32, block=32, batch=4, train_bytes=20_000, eval_bytes=4_000, eval_blocks=8,
                 base_steps=6, warmup=2)

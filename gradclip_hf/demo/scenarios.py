@@ -1,25 +1,27 @@
-"""The gallery of fault scenarios (sources in ``benchmarks/README.md``).
+"""The demo's fault scenarios, the pretraining part of the benchmark gallery (sources in ``benchmarks/README.md``;
+``benchmarks/harness/scenarios.py`` adds its LoRA and SFT scenarios).
 
-A :class:`Scenario` names a task (``pretrain``: a tiny Llama trained from scratch on standard-library
-bytes; ``lora``: LoRA fine-tuning of a tiny Llama pretrained in-process, on another part of the
-standard library; ``sft``: full fine-tuning of that model on prompt/response examples of variable
-length) and a fault placed at fractions of the run, after every detector's warmup (the OLMo-core rule
-needs 64 steps). ``fault="none"`` measures false positives only.
+A :class:`Scenario` names a task (``pretrain``: a tiny Llama trained from scratch on standard-library bytes; the
+gallery also has ``lora`` and ``sft``) and a fault placed at fractions of the run, after every detector's warmup
+(the OLMo-core rule needs 64 steps). ``fault="none"`` measures false positives only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-__all__ = ["Scenario", "GALLERY", "scenario", "FAULTS"]
-
-FAULTS = ("none", "garbage", "utf16_shard", "label_noise", "lr", "nonfinite", "null")
+__all__ = ["Scenario", "SCENARIOS", "scenario"]
 
 
 @dataclass(frozen=True)
 class Scenario:
     """``starts``: fractions of the run where a fault begins; each lasts ``length`` steps.
     ``lr_factor``: the learning-rate multiplier of an ``lr`` fault."""
+
+    BATCH_FAULTS: ClassVar[tuple[str, ...]] = ("garbage", "utf16_shard", "label_noise")  # the faulted batches
+    FAULTS: ClassVar[tuple[str, ...]] = ("none", *BATCH_FAULTS, "lr", "nonfinite")
+    TASKS: ClassVar[tuple[str, ...]] = ("pretrain",)
 
     name: str
     title: str
@@ -30,10 +32,10 @@ class Scenario:
     lr_factor: float = 1.0
 
     def __post_init__(self):
-        if self.fault not in FAULTS:
-            raise ValueError(f"scenario {self.name!r}: fault {self.fault!r} is not one of {FAULTS}.")
-        if self.task not in ("pretrain", "lora", "sft"):
-            raise ValueError(f"scenario {self.name!r}: task {self.task!r} is not pretrain, lora or sft.")
+        if self.fault not in self.FAULTS:
+            raise ValueError(f"scenario {self.name!r}: fault {self.fault!r} is not one of {self.FAULTS}.")
+        if self.task not in self.TASKS:
+            raise ValueError(f"scenario {self.name!r}: task {self.task!r} is not one of {self.TASKS}.")
 
     def fault_steps(self, steps: int) -> list[int]:
         """The 0-based optimizer steps hit by the fault in a run of ``steps`` steps."""
@@ -45,10 +47,10 @@ class Scenario:
 
     @property
     def batch_fault(self) -> bool:
-        return self.fault in ("garbage", "utf16_shard", "label_noise", "null")
+        return self.fault in self.BATCH_FAULTS
 
 
-GALLERY: dict[str, Scenario] = {s.name: s for s in [
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("garbage_batches", "4 isolated batches of random bytes 128-255 (rare tokens)", "pretrain", "garbage",
              starts=(0.4, 0.53, 0.67, 0.8)),
     Scenario("corrupt_shard", "a shard written in the wrong encoding (UTF-16): 30 consecutive batches",
@@ -59,14 +61,11 @@ GALLERY: dict[str, Scenario] = {s.name: s for s in [
              "pretrain", "lr", starts=(0.5,), length=10, lr_factor=10.0),
     Scenario("nonfinite", "an activation overflow: NaN loss and gradients in 2 steps", "pretrain", "nonfinite",
              starts=(0.45, 0.7)),
-    Scenario("lora_garbage", "LoRA fine-tuning of a pretrained tiny Llama, 3 bursts of 4 garbage batches", "lora",
-             "garbage", starts=(0.4, 0.6, 0.8), length=4),
-    Scenario("sft_clean", "SFT-like variable-length, prompt-masked batches, no fault (false positives only)",
-             "sft", "none"),
 ]}
 
 
-def scenario(name: str) -> Scenario:
-    if name not in GALLERY:
-        raise ValueError(f"unknown scenario {name!r}: one of {sorted(GALLERY)}.")
-    return GALLERY[name]
+def scenario(name: str, scenarios: dict[str, Scenario] = SCENARIOS) -> Scenario:
+    """The scenario ``name`` of ``scenarios``; ``ValueError`` naming the known ones."""
+    if name not in scenarios:
+        raise ValueError(f"unknown scenario {name!r}: one of {sorted(scenarios)}.")
+    return scenarios[name]

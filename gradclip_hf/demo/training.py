@@ -1,4 +1,6 @@
-"""One run: a method on a scenario's task, with or without its fault, with the Hugging Face Trainer.
+"""One run: a method on a scenario's task, with or without its fault, with the Hugging Face Trainer (the demo's
+runs, and the benchmark gallery's through ``benchmarks/harness/training.py``, which hands its own tasks, faults,
+methods and scenarios in).
 
 :func:`train_one` returns the per-step series (training loss, pre-clip norm, threshold, post-clip
 norm), the steps the method flagged and skipped, and the final eval loss on the task's held-out
@@ -12,10 +14,10 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .faults import LRFault, NonFiniteFault, StepStream, batch_fault
-from .methods import Method, build_trainer, method as get_method
+from .faults import BATCH_FAULTS, BatchFault, LRFault, NonFiniteFault, StepStream, batch_fault
+from .methods import Method, method as get_method
 from .scenarios import Scenario, scenario as get_scenario
 from .tasks import Settings, task_data, task_model, trainer_arguments
 
@@ -45,47 +47,29 @@ def _series(log_history: list[dict[str, Any]], n: int) -> dict[str, list[float]]
     return series
 
 
-def _flags(m: Method, trainer: Any, series: dict[str, list[float]]) -> tuple[list[int] | None, list[int] | None]:
-    """(steps flagged as spikes, steps whose update was skipped); ``None`` where the method has no such thing."""
-    if m.is_pack:
-        spikes = [t for t, v in enumerate(series["spikes"]) if v > 0]
-        return spikes, [t for t, v in enumerate(series["skipped"]) if v > 0]
-    if m.kind == "olmo":
-        return list(trainer.rule.skipped), list(trainer.rule.skipped)
-    return None, None
-
-
-def _clip_rate(m: Method, series: dict[str, list[float]]) -> float:
-    norms = [v for v in series["grad_norm"] if math.isfinite(v)]
-    if m.is_pack:
-        post, pre = series["norm_post"], series["grad_norm"]
-        clipped = [b < a * (1 - 1e-6) for a, b in zip(pre, post) if math.isfinite(a) and math.isfinite(b)]
-        return sum(clipped) / len(clipped) if clipped else math.nan
-    if m.kind in ("trainer", "olmo") and (m.kind == "olmo" or m.max_grad_norm > 0) and norms:
-        return sum(v > 1.0 for v in norms) / len(norms)
-    return 0.0 if m.kind == "trainer" else math.nan
-
-
 def train_one(method: Method | str, scenario: Scenario | str, seed: int, faulted: bool = True,
               settings: Settings = Settings(), *, eval_steps: int | None = None, callbacks: Sequence[Any] = (),
-              output_dir: str | None = None, **arguments: Any) -> dict[str, Any]:
+              output_dir: str | None = None, data: Callable[..., Any] = task_data,
+              model: Callable[..., Any] = task_model, faults: dict[str, BatchFault] = BATCH_FAULTS,
+              **arguments: Any) -> dict[str, Any]:
     """Train one run and return its record (see the module docstring). ``eval_steps``: also evaluate
     every so many steps (``evals``); ``arguments`` override ``TrainingArguments`` keywords (``report_to``,
-    ``run_name``, ``use_cpu`` ...); ``callbacks`` are added to the Trainer."""
+    ``run_name``, ``use_cpu`` ...); ``callbacks`` are added to the Trainer. ``data(task, settings, seed)``,
+    ``model(task, settings, seed)`` and ``faults`` (batch faults by name): the tasks and faults (the demo's)."""
     from transformers.trainer_callback import PrinterCallback
 
     m = get_method(method) if isinstance(method, str) else method
     sc = get_scenario(scenario) if isinstance(scenario, str) else scenario
     steps = sc.fault_steps(settings.steps) if faulted else []
-    data = task_data(sc.task, settings, seed)
-    fault = batch_fault(sc.fault) if sc.batch_fault and steps else None
-    stream = StepStream(data.train, settings.batch, steps if fault else (), fault, seed)
+    task = data(sc.task, settings, seed)
+    fault = batch_fault(sc.fault, faults) if sc.batch_fault and steps else None
+    stream = StepStream(task.train, settings.batch, steps if fault else (), fault, seed)
     if eval_steps:
         arguments = {"eval_strategy": "steps", "eval_steps": eval_steps, **arguments}
     with tempfile.TemporaryDirectory(prefix="gradclip-run-") as tmp:
         kwargs = trainer_arguments(settings, sc.task, seed, output_dir or tmp, **arguments)
-        trainer = build_trainer(m, kwargs, model=task_model(sc.task, settings, seed), train_dataset=stream,
-                                eval_dataset=data.eval, data_collator=data.collator)
+        trainer = m.build(kwargs, model=model(sc.task, settings, seed), train_dataset=stream, eval_dataset=task.eval,
+                          data_collator=task.collator)
         trainer.remove_callback(PrinterCallback)
         for callback in [*fault_callbacks(sc, steps), *callbacks]:
             trainer.add_callback(callback)
@@ -94,10 +78,10 @@ def train_one(method: Method | str, scenario: Scenario | str, seed: int, faulted
         seconds = time.perf_counter() - start
         eval_loss = float(trainer.evaluate()["eval_loss"])
     series = _series(trainer.state.log_history, settings.steps)
-    spikes, skipped = _flags(m, trainer, series)
+    spikes, skipped = m.flags(trainer, series)
     evals = [[int(h["step"]), float(h["eval_loss"])] for h in trainer.state.log_history if "eval_loss" in h]
     return {"method": m.name, "scenario": sc.name, "task": sc.task, "seed": seed, "faulted": faulted,
             "fault_steps": steps, "eval_loss": eval_loss, "evals": evals,
             "series": {k: series[k] for k in ("loss", "grad_norm", "threshold", "norm_post")},
-            "spike_steps": spikes, "skipped_steps": skipped, "clip_rate": _clip_rate(m, series),
+            "spike_steps": spikes, "skipped_steps": skipped, "clip_rate": m.clip_rate(series),
             "seconds": seconds, "steps_done": trainer.state.global_step, "settings": settings.key()}

@@ -14,7 +14,7 @@ import math
 import statistics
 from typing import Any, Sequence
 
-from .bytelm import VOCAB_SIZE
+from ..standins import VOCAB_SIZE
 
 __all__ = ["DIVERGED_LOSS", "eval_loss", "diverged", "damage", "excursion", "RECOVER_TOL", "SMOOTH"]
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..core.external import ExternalClip
-from ..core.strategies import TORCH_EPS
+from gradclip_hf.core.external import ExternalClip
+from gradclip_hf.core.strategies import TORCH_EPS
 
 __all__ = ["EngineSimTrainer"]
 

@@ -3,7 +3,8 @@
 A run's cache key holds everything its numbers depend on: the settings, the method's resolved
 configuration (so ``recommended`` is rerun when :meth:`ClipConfig.recommended` changes), the task,
 the fault (clean runs of a task share one key: they are the same run), the seed, and a hash of the
-package's source (any change to the clipping code reruns everything). The cache is a JSON-lines file;
+source that runs (the package but its reporting, and this harness's training code: any change to the
+clipping code reruns everything). The cache is a JSON-lines file;
 an interrupted sweep resumes where it stopped.
 """
 
@@ -24,19 +25,25 @@ from .training import train_one
 
 __all__ = ["code_hash", "RunStore", "run_key", "run_grid"]
 
-# files that cannot change a run's numbers (reporting, statistics, the demo)
+# files that cannot change a run's numbers (reporting, statistics, the demo's command line and report)
 # (scenarios and methods enter the key by their fields instead)
-_NOT_RUN_CODE = {"experiments/stats.py", "experiments/metrics.py", "experiments/sweep.py", "experiments/summary.py",
-                 "experiments/machine.py", "experiments/scenarios.py", "experiments/methods.py", "experiments/__init__.py", "cli.py"}
+_NOT_RUN_CODE = {"gradclip_hf/demo/__init__.py", "gradclip_hf/demo/runs.py", "gradclip_hf/demo/report.py",
+                 "gradclip_hf/demo/charts.py", "gradclip_hf/demo/metrics.py", "gradclip_hf/demo/machine.py",
+                 "gradclip_hf/demo/scenarios.py", "gradclip_hf/demo/methods.py", "gradclip_hf/cli.py",
+                 "benchmarks/harness/stats.py", "benchmarks/harness/sweep.py", "benchmarks/harness/summary.py",
+                 "benchmarks/harness/scenarios.py", "benchmarks/harness/methods.py", "benchmarks/harness/__init__.py"}
+_NOT_RUN_FOLDERS = ("gradclip_hf/report/",)
 
 
 def code_hash() -> str:
-    """sha1 (10 hex digits) of the package's Python source, less the files in ``_NOT_RUN_CODE`` and the demo."""
-    root = Path(__file__).resolve().parents[1]
+    """sha1 (10 hex digits) of the Python source that runs: the package's and this harness's, less the files in
+    ``_NOT_RUN_CODE`` and ``_NOT_RUN_FOLDERS``."""
+    root = Path(__file__).resolve().parents[2]
     digest = hashlib.sha1()
-    for path in sorted(root.rglob("*.py")):
+    paths = [*(root / "gradclip_hf").rglob("*.py"), *(root / "benchmarks" / "harness").rglob("*.py")]
+    for path in sorted(paths):
         rel = path.relative_to(root).as_posix()
-        if rel in _NOT_RUN_CODE or rel.startswith("demo"):
+        if rel in _NOT_RUN_CODE or rel.startswith(_NOT_RUN_FOLDERS):
             continue
         digest.update(rel.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:10]

@@ -13,7 +13,8 @@ import math
 import statistics
 from typing import Any, Sequence
 
-from .metrics import damage, diverged, eval_loss, excursion
+from gradclip_hf.demo.metrics import damage, diverged, eval_loss, excursion
+
 from .stats import Interval, mean_interval, paired, ratio
 
 __all__ = ["summarise", "REFERENCE"]

@@ -1,22 +1,35 @@
-"""Byte-level data and tiny Llama models for tests, the demo, benchmarks and notebooks (nothing is
-downloaded).
+"""Stand-ins for your model, data and tokenizer: what the docs, the notebooks, the demo and the tests train on.
+Nothing is downloaded; transformers (and tokenizers) are imported inside the functions that need them.
 
-``stdlib_text`` reads the Python standard library's own ``.py`` files (sorted, deterministic);
-``ByteLMDataset`` turns text into byte-level causal-LM blocks; ``tiny_llama`` builds a small
-``LlamaForCausalLM`` from a config. transformers is imported inside the functions.
+======================================  ==================================================================
+name                                    what it is
+======================================  ==================================================================
+:func:`stdlib_text`                     real Python source from the standard library (sorted, deterministic)
+:class:`ByteLMDataset`                  byte-level causal-LM blocks of a text (``input_ids``, ``labels``,
+                                        ``attention_mask``)
+:class:`SpikyByteStream`                those blocks in a fixed order, with never-seen bytes at given steps
+:func:`tiny_llama`                      a freshly initialised tiny ``LlamaForCausalLM`` (from a config)
+:func:`pretrained_tiny_llama`           a tiny Llama pretrained here on the standard library (a LoRA base)
+:func:`byte_tokenizer`                  a ``PreTrainedTokenizerFast`` whose token ids are the bytes
+:func:`stdlib_blocks`, :func:`shuffled`  the split and the seeded order of the pretraining data
+:func:`stand_in_arguments`              the quiet, deterministic CPU ``TrainingArguments`` of these runs
+======================================  ==================================================================
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sysconfig
-from typing import Any
+import tempfile
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-__all__ = ["stdlib_text", "ByteLMDataset", "SpikyByteStream", "rare_byte_block", "tiny_llama_config", "tiny_llama", "VOCAB_SIZE", "PAD_ID", "BOS_ID",
-           "EOS_ID", "byte_tokenizer"]
+__all__ = ["stdlib_text", "ByteLMDataset", "SpikyByteStream", "rare_byte_block", "tiny_llama_config", "tiny_llama",
+           "pretrained_tiny_llama", "byte_tokenizer", "stdlib_blocks", "shuffled", "stand_in_arguments",
+           "VOCAB_SIZE", "PAD_ID", "BOS_ID", "EOS_ID"]
 
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 VOCAB_SIZE = 259  # 256 bytes + pad, bos, eos
@@ -92,7 +105,7 @@ class SpikyByteStream(IterableDataset):
     exactly those steps (``max_steps`` must be set).
 
     Args:
-        dataset: a :class:`ByteLMDataset`.
+        dataset: a :class:`ByteLMDataset` (a list of its items where no step is spiky).
         spike_steps: 0-based optimizer steps (the Trainer's ``state.global_step`` before the update).
         samples_per_step: per-device batch size x gradient accumulation steps x number of processes.
         seed: seed of the rare bytes.
@@ -137,6 +150,58 @@ def tiny_llama(seed: int = 0, **config_kwargs: Any):
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**config_kwargs))
+
+
+@functools.lru_cache(maxsize=8)
+def stdlib_blocks(train_bytes: int, eval_bytes: int, block_size: int, eval_blocks: int | None = None,
+                  package: str | None = None) -> tuple[ByteLMDataset, ByteLMDataset]:
+    """Train and held-out blocks of ``train_bytes + eval_bytes`` of the standard library's text (the held-out
+    part follows the train part; at most ``eval_blocks`` of it), cached."""
+    text = stdlib_text(train_bytes + eval_bytes, package=package)
+    cut = len(text) * train_bytes // (train_bytes + eval_bytes)
+    return (ByteLMDataset(text[:cut], block_size=block_size),
+            ByteLMDataset(text[cut:], block_size=block_size, num_blocks=eval_blocks))
+
+
+def shuffled(items: Sequence, seed: int) -> list:
+    """``items`` in the order of ``seed`` (a fixed permutation per seed)."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(1000 + seed)).tolist()
+    return [items[i] for i in order]
+
+
+def stand_in_arguments(output_dir: str, *, steps: int, batch: int, lr: float, seed: int, schedule: str = "cosine",
+                       warmup: int = 10, optim: str = "adamw_torch", **overrides: Any) -> dict[str, Any]:
+    """``TrainingArguments`` keywords of a stand-in run: quiet (one log per step, no progress bar, no reporter, no
+    checkpoint), deterministic (``seed`` for the weights and the data) and on the CPU."""
+    kwargs = dict(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch,
+                  per_device_eval_batch_size=32, learning_rate=lr, lr_scheduler_type=schedule, warmup_steps=warmup,
+                  weight_decay=0.0, logging_steps=1, logging_nan_inf_filter=False, seed=seed, data_seed=seed,
+                  report_to="none", disable_tqdm=True, save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+                  optim=optim)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def pretrained_tiny_llama(seed: int = 0, *, steps: int = 300, hidden: int = 64, layers: int = 2, block: int = 64,
+                          batch: int = 8, lr: float = 4e-3, warmup: int = 10, schedule: str = "cosine",
+                          train_bytes: int = 300_000, eval_bytes: int = 40_000, optim: str = "adamw_torch"):
+    """A tiny Llama pretrained here: :func:`tiny_llama` of ``seed``, trained ``steps`` steps on ``block``-byte
+    blocks of the standard library's top-level modules (in ``seed``'s order) with the stock ``Trainer``
+    (``max_grad_norm=1.0``). Deterministic (1 torch thread on CPU); a few seconds with the defaults."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    model = tiny_llama(seed, hidden_size=hidden, layers=layers, heads=4, max_position_embeddings=max(256, 2 * block + 32))
+    train, _ = stdlib_blocks(train_bytes, eval_bytes, block)
+    items = shuffled([train[i] for i in range(len(train))], seed)
+    with tempfile.TemporaryDirectory(prefix="gradclip-base-") as tmp:
+        args = TrainingArguments(**stand_in_arguments(tmp, steps=steps, batch=batch, lr=lr, seed=seed,
+                                                      schedule=schedule, warmup=warmup, optim=optim),
+                                 max_grad_norm=1.0)
+        trainer = Trainer(model=model, args=args, train_dataset=SpikyByteStream(items, samples_per_step=batch))
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    return model
 
 
 def _byte_symbols() -> dict[int, str]:

@@ -11,12 +11,13 @@ import torch
 
 pytest.importorskip("transformers")
 
-from gradclip_hf.experiments import faults, metrics, stats  # noqa: E402
-from gradclip_hf.experiments.bytelm import BOS_ID, ByteLMDataset, stdlib_text  # noqa: E402
-from gradclip_hf.experiments.methods import METHODS, method  # noqa: E402
-from gradclip_hf.experiments.olmo import OlmoSkipRule, SkipStepAdamW  # noqa: E402
-from gradclip_hf.experiments.scenarios import GALLERY, Scenario  # noqa: E402
-from gradclip_hf.experiments.sft import IGNORE, pad_collate, sft_examples  # noqa: E402
+from benchmarks.harness import faults, stats  # noqa: E402
+from benchmarks.harness.methods import METHODS, method  # noqa: E402
+from benchmarks.harness.olmo import OlmoSkipRule, SkipStepAdamW  # noqa: E402
+from benchmarks.harness.scenarios import GALLERY, Scenario  # noqa: E402
+from benchmarks.harness.sft import IGNORE, pad_collate, sft_examples  # noqa: E402
+from gradclip_hf.demo import metrics  # noqa: E402
+from gradclip_hf.standins import BOS_ID, ByteLMDataset, stdlib_text  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -104,7 +105,7 @@ def test_lr_fault_multiplies_the_learning_rate_of_its_steps_only():
 
 
 def test_nonfinite_fault_makes_the_training_loss_nan_at_its_steps_only():
-    from gradclip_hf.experiments.bytelm import tiny_llama
+    from gradclip_hf.standins import tiny_llama
 
     model = tiny_llama(0, hidden_size=16, layers=1, heads=2)
     ids = torch.randint(0, 250, (2, 8))
@@ -189,7 +190,7 @@ def test_skip_step_adamw_clips_and_leaves_everything_untouched_on_a_skip():
 
 def test_byte_tokenizer_maps_bytes_to_their_values():
     pytest.importorskip("tokenizers")
-    from gradclip_hf.experiments.bytelm import BOS_ID, byte_tokenizer
+    from gradclip_hf.standins import BOS_ID, byte_tokenizer
 
     tok = byte_tokenizer()
     text = "def f(x): return 'é'"
