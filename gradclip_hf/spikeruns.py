@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from .spikefile import SpikeRecord
 
-__all__ = ["Flagged", "group_runs", "describe_run", "ACTION_WORDS"]
+__all__ = ["Flagged", "group_runs", "describe_run", "step_ranges", "ACTION_WORDS"]
 
 # what happened to the update of a flagged step, by spike action (plural for runs)
 ACTION_WORDS = {"tighten": ("threshold tightened, update applied", "threshold tightened, updates applied"),
@@ -72,6 +72,19 @@ def group_runs(items: Iterable[Flagged]) -> list[list[Flagged]]:
         else:
             runs.append([item])
     return runs
+
+
+def step_ranges(steps: Sequence[int], limit: Optional[int] = None) -> str:
+    """``"61-80, 95"`` for sorted steps: runs of consecutive steps as ranges (at most ``limit`` of them, then
+    ``" and N more runs"``)."""
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and step == runs[-1][1] + 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
+    return shown + (f" and {len(runs) - limit} more runs" if limit is not None and len(runs) > limit else "")
 
 
 def _finite(values: Iterable[Optional[float]]) -> list[float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..spikeruns import step_ranges
 from .batches import BatchTracker
 from .messages import logger
 
@@ -28,18 +29,6 @@ def _steps(steps: list[int], limit: int = 8) -> str:
     return shown + (f" and {len(steps) - limit} more" if len(steps) > limit else "")
 
 
-def _ranges(steps: list[int], limit: int = 8) -> str:
-    """``61-80, 95`` for sorted steps: runs of consecutive steps as ranges (at most ``limit`` ranges shown)."""
-    runs: list[list[int]] = []
-    for step in steps:
-        if runs and step == runs[-1][1] + 1:
-            runs[-1][1] = step
-        else:
-            runs.append([step, step])
-    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
-    return shown + (f" and {len(runs) - limit} more runs" if len(runs) > limit else "")
-
-
 def check_start(listed: frozenset[int], start: int, max_steps: int, resume_arg: Any) -> None:
     """Say once which updates the skip list skips (INFO, as the threshold line; no line per step: the spike
     messages say "listed" where a listed step spikes again), and warn about listed steps this run
@@ -49,9 +38,10 @@ def check_start(listed: frozenset[int], start: int, max_steps: int, resume_arg: 
         return
     ahead = sorted(s for s in listed if s > start and not (max_steps and s > max_steps))
     if ahead:
+        plural = "s" if len(ahead) > 1 else ""
         logger.info("gradclip: the skip list (clip_skip_steps / clip_skip_steps_from) skips the update%s of step%s "
-                       "%s (%d in all); their batches are still consumed, so the data order stays the same.",
-                       "s" if len(ahead) > 1 else "", "s" if len(ahead) > 1 else "", _ranges(ahead), len(ahead))
+                    "%s (%d in all); their batches are still consumed, so the data order stays the same.",
+                    plural, plural, step_ranges(ahead, limit=8), len(ahead))
     if start == 0 and resume_arg:
         logger.warning("gradclip: TrainingArguments.resume_from_checkpoint=%r is set, but training starts at step 0: "
                        "the Trainer does not read that argument itself, so the skip list (steps %s) applies to a "
