@@ -60,3 +60,15 @@ def test_a_listed_step_is_always_skipped_and_a_calm_one_never():
     report = clipper.plan(model_with_grads(), 0)
     assert not bool(skip_update(report, backend, listed=False))
     assert bool(skip_update(report, backend, listed=True))
+
+
+def test_the_gates_old_home_still_imports_with_a_deprecation_warning():
+    import importlib
+
+    import pytest
+
+    from gradclip_hf.run import StepGate
+
+    old = importlib.import_module("gradclip_hf.integrations.optim")
+    with pytest.warns(DeprecationWarning, match="moved to gradclip_hf.run.StepGate"):
+        assert old.StepGate is StepGate
