@@ -22,8 +22,9 @@ import _common  # noqa: E402
 
 import torch  # noqa: E402
 
-# the fault gallery's machinery: its only import here (when it moves under benchmarks/, change this line)
-from gradclip_hf.experiments import bytelm, faults, methods, metrics, scenarios, tasks  # noqa: E402,F401
+# the stand-ins and the demo's fault machinery (the gallery's pretraining part): their only import here
+from gradclip_hf.demo import faults, methods, metrics, scenarios, tasks  # noqa: E402,F401
+from gradclip_hf import standins  # noqa: E402
 
 
 @dataclass
@@ -145,7 +146,7 @@ def llama(ctx: Context, seed: int, hidden: int, layers: int, heads: int = 4, int
           positions: int = 512):
     """A byte-level Llama built directly on the device (its initialisation runs there: fast for 100 M)."""
     with torch.device(ctx.device):
-        return bytelm.tiny_llama(seed, hidden_size=hidden, layers=layers, heads=heads,
+        return standins.tiny_llama(seed, hidden_size=hidden, layers=layers, heads=heads,
                                  intermediate_size=intermediate, max_position_embeddings=max(positions, 256))
 
 
@@ -160,7 +161,7 @@ def parameters(model) -> int:
 
 def text_blocks(block: int, blocks: int):
     """At least ``blocks`` byte-level blocks of standard-library text (cycled by the streams if fewer)."""
-    return bytelm.ByteLMDataset(bytelm.stdlib_text(min(block * blocks + 1, 4_500_000)), block_size=block)
+    return standins.ByteLMDataset(standins.stdlib_text(min(block * blocks + 1, 4_500_000)), block_size=block)
 
 
 def trainer_args(ctx: Context, output_dir: str, cls=None, precision: str = "bf16", **overrides: Any):
@@ -205,7 +206,7 @@ def finite(values) -> list[float]:
 
 # ---------------------------------------------------------------------------------------------- host reads
 _PACK = os.sep + "gradclip_hf" + os.sep
-_GALLERY = _PACK + "experiments" + os.sep
+_STANDINS = (_PACK + "demo" + os.sep, _PACK + "standins.py")
 _TORCH = os.sep + "torch" + os.sep
 _READS = ("item", "__bool__", "tolist", "__float__", "__int__", "__index__")
 
@@ -224,7 +225,7 @@ def attribute(stack: list[traceback.FrameSummary]) -> dict[str, Any]:
     here = os.path.abspath(__file__)
     frames = [f for f in stack if f.filename != here and "warnings.py" not in f.filename]
     f = ([f for f in frames if _TORCH not in f.filename] or frames)[-1]
-    pack = _PACK in f.filename and _GALLERY not in f.filename
+    pack = _PACK in f.filename and not any(part in f.filename for part in _STANDINS)
     return {"pack": pack, "site": f"{_short(f.filename)}:{f.lineno} {f.name}: {(f.line or '').strip()}"}
 
 

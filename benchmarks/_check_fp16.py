@@ -53,6 +53,8 @@ def _probe(trainer, forced: set[int]):
     host reads of this probe are the test's, not the pack's). Forces the overflow of the ``forced`` steps."""
     from transformers import TrainerCallback
 
+    from gradclip_hf.run import skip_update
+
     scaler = trainer.accelerator.scaler
     unscales, updates, set_scale = _count_calls(trainer)
 
@@ -77,7 +79,7 @@ def _probe(trainer, forced: set[int]):
             values = report.to_floats()
             self.rows.append({"step": step, "norm": values["norm"], "nonfinite": bool(values["nonfinite"]),
                               "spike": bool(report.spike.spike) if report.spike is not None else False,
-                              "pack_skip": bool(run.actions.skip_flag(report)),
+                              "pack_skip": bool(skip_update(report, run.backend, step + 1 in run.actions.listed)),
                               "scale_before": self.scale_before, "scale_after": scaler.get_scale(),
                               "unscales": unscales[step], "updates": updates[step],
                               "moved": any(not torch.equal(a, b) for a, b in zip(self.before, model.parameters())),

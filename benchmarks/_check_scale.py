@@ -4,7 +4,7 @@ A byte-level Llama of >= 50 M parameters trains ``scale_steps`` steps on standar
 AdamW, cosine schedule), stock ``Trainer(max_grad_norm=1.0)`` against ``ClipConfig.recommended()``, one seed,
 each with and without a fault, for two faults:
 
-* ``corrupt_shard``: the gallery's fault (``scenarios.GALLERY["corrupt_shard"]``): ``scale_fault_length``
+* ``corrupt_shard``: the gallery's fault (``scenarios.SCENARIOS["corrupt_shard"]``): ``scale_fault_length``
   consecutive steps from half-way whose batches are the same text in UTF-16;
 * ``corrupt_microbatch``: gradient accumulation over ``scale_ga`` micro-batches (4; halved while its four runs
   would not fit the time left), the same steps, but only the LAST micro-batch of each is in UTF-16 (a bad
@@ -71,8 +71,7 @@ def train(ctx: Context, s, data, method: str, fault: dict[str, Any], faulted: bo
                                      bf16=True, logging_steps=10, per_device_train_batch_size=s.batch // ga,
                                      gradient_accumulation_steps=ga, dataloader_pin_memory=ctx.cuda)
     model = llama(ctx, SEED, p.scale_hidden, p.scale_layers, heads=p.scale_heads, positions=2 * p.scale_block)
-    trainer = methods.build_trainer(methods.method(method), kwargs, model=model, train_dataset=stream,
-                                    eval_dataset=data.eval)
+    trainer = methods.method(method).build(kwargs, model=model, train_dataset=stream, eval_dataset=data.eval)
     deadline = deadline_callback(ctx)
     trainer.add_callback(deadline)
     start = time.perf_counter()

@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from gradclip_hf.experiments.machine import load_now, machine_info  # noqa: E402,F401  (one definition)
+from gradclip_hf.demo.machine import load_now, machine_info  # noqa: E402,F401  (one definition)
 
 RESULTS = os.path.join(HERE, "results")
 

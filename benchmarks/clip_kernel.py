@@ -150,7 +150,7 @@ def methods(model: Grads, which: set[str] | None) -> dict[str, Callable[[int], A
 def step_methods(model: Grads) -> dict[str, Callable[[int], Any]]:
     """Clip + fused AdamW step, per method (each with its own optimizer over the same parameters)."""
     from gradclip_hf import ClipConfig
-    from gradclip_hf.integrations.optim import StepGate
+    from gradclip_hf.run import StepGate
 
     params = list(model.parameters())
     loss = torch.tensor(2.0, device=params[0].device)
@@ -170,9 +170,10 @@ def step_methods(model: Grads) -> dict[str, Callable[[int], Any]]:
         gate, defer = StepGate(opt), config.defers_to_optimizer
 
         def call(i):
-            report = clipper.clip_(model, step=i, loss=loss, defer=defer)
+            report = clipper.plan(model, step=i, loss=loss)
+            coef = clipper.apply_(report, hand_off=defer)
             skip = report.skip | report.spike.act if report.spike is not None else report.skip
-            gate.arm(coef=report.optimizer_coef, skip=skip)
+            gate.arm(coef=coef, skip=skip)
             opt.step()
         out[name] = call
 

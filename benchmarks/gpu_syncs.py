@@ -6,7 +6,7 @@ What it measures (needs a CUDA device; on a machine without one it says so and e
    controller, and with every ``nonfinite`` policy, run under ``torch.cuda.set_sync_debug_mode("error")``:
    the core must never sync (``nonfinite="raise"`` is the one documented exception). A configuration
    that raises is reported with the error.
-2. The Trainer integration's per-step path (``ClipRun.step`` then ``optimizer.step()`` of a real AdamW,
+2. The Trainer integration's per-step path (``ClipRun.clip_step`` then ``optimizer.step()`` of a real AdamW,
    fused and foreach: what ``GradClipTrainer``/``GradClipCallback`` run in ``on_pre_optimizer_step`` and the
    Trainer right after), under ``set_sync_debug_mode("warn")``, counting the sync warnings per step after two
    warm-up steps. Expected by design: 0 for ``tighten``/``skip`` and ``nonfinite="skip"`` on the fused
@@ -127,7 +127,7 @@ def check_core(device, steps, sync_checks) -> dict[str, dict[str, Any]]:
 
 
 def check_runner(device, steps, sync_checks) -> dict[str, dict[str, Any]]:
-    from gradclip_hf.integrations.transformers.run import ClipRun
+    from gradclip_hf.run import ClipRun
 
     out = {}
     for name, spec in RUNNER_CONFIGS.items():
@@ -142,7 +142,7 @@ def check_runner(device, steps, sync_checks) -> dict[str, dict[str, Any]]:
                 state.global_step = step
                 run.loss.add(backward(model, device, step))
                 with SyncCounter(sync_checks and step >= 2) as counter:
-                    run.step(model, state, optimizer)
+                    run.clip_step(model, state)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 if step >= 2:
@@ -177,7 +177,7 @@ def markdown(result: dict[str, Any]) -> str:
              "|---|---|---|"]
     for name, r in result["core"].items():
         lines.append(f"| {name} | {'yes' if r['syncs'] else 'no'} | {r['raised'] or ''} |")
-    lines += ["", "## ClipRun.step + AdamW.step under set_sync_debug_mode('warn')", "",
+    lines += ["", "## ClipRun.clip_step + AdamW.step under set_sync_debug_mode('warn')", "",
               "| configuration | syncs per step | where |", "|---|---|---|"]
     for name, r in result["runner"].items():
         lines.append(f"| {name} | {r['syncs_per_step']} | {', '.join(r['where'])} |")

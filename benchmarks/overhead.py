@@ -80,7 +80,7 @@ def clip_options(config: Any) -> dict[str, Any]:
 
 
 def build_dataset(block: int, text_bytes: int = 400_000):
-    from gradclip_hf.experiments.bytelm import ByteLMDataset, stdlib_text
+    from gradclip_hf.standins import ByteLMDataset, stdlib_text
 
     return ByteLMDataset(stdlib_text(text_bytes), block_size=block)
 
@@ -92,7 +92,7 @@ def model_kwargs(opts) -> dict[str, Any]:
 def make_trainer(name: str, config: Any, opts, dataset, output_dir: str):
     from transformers import Trainer
 
-    from gradclip_hf.experiments.bytelm import tiny_llama
+    from gradclip_hf.standins import tiny_llama
     from gradclip_hf.integrations.transformers import GradClipTrainer, GradClipTrainingArguments
 
     common = dict(max_steps=opts.steps, per_device_train_batch_size=opts.batch, logging_steps=opts.logging_steps,

@@ -1,6 +1,6 @@
 """What clipping saves: damage of real fault types against a clean counterfactual, per method, over seeds.
 
-For every seed, method and scenario of the gallery (``gradclip_hf/experiments/scenarios.py``; sources
+For every seed, method and scenario of the gallery (``benchmarks/harness/scenarios.py``; sources
 in benchmarks/README.md) two runs with the Hugging Face Trainer: one with the fault, one without
 (same initialisation, data order and steps; the bad batches replaced by the clean batches they
 displaced, or no learning-rate mistake). Damage = eval loss with the fault minus eval loss without,
@@ -30,12 +30,12 @@ import _common  # noqa: E402
 
 import torch  # noqa: E402
 
-from gradclip_hf.experiments import machine  # noqa: E402
-from gradclip_hf.experiments.methods import METHODS, method as get_method  # noqa: E402
-from gradclip_hf.experiments.scenarios import GALLERY  # noqa: E402
-from gradclip_hf.experiments.summary import summarise  # noqa: E402
-from gradclip_hf.experiments.sweep import RunStore, code_hash, run_grid  # noqa: E402
-from gradclip_hf.experiments.tasks import Settings  # noqa: E402
+from benchmarks.harness.methods import METHODS, method as get_method  # noqa: E402
+from benchmarks.harness.scenarios import GALLERY  # noqa: E402
+from benchmarks.harness.summary import summarise  # noqa: E402
+from benchmarks.harness.sweep import RunStore, code_hash, run_grid  # noqa: E402
+from benchmarks.harness.tasks import Settings  # noqa: E402
+from gradclip_hf.demo import machine  # noqa: E402
 
 DEFAULT_METHODS = ["none", "stock", "zclip", "olmo", "recommended"]
 CACHE = os.path.join(_common.RESULTS, "cache", "runs.jsonl")

@@ -6,8 +6,8 @@ import math
 import statistics
 from typing import Any
 
-from gradclip_hf.experiments.machine import describe
-from gradclip_hf.experiments.metrics import RECOVER_TOL, SMOOTH
+from gradclip_hf.demo.machine import describe
+from gradclip_hf.demo.metrics import RECOVER_TOL, SMOOTH
 
 TARGET_RATIO, TARGET_FP = 0.2, 0.005
 

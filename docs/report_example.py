@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from gradclip_hf import ClipConfig, GradClipTrainer
-from gradclip_hf.experiments.bytelm import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
+from gradclip_hf.standins import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
 
 torch.set_num_threads(1)
 kind, out, logging_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -1,18 +1,16 @@
-"""The checks of ``ClipConfig`` that involve several options: combinations that cannot mean anything raise
+"""The checks of ``ClipConfig`` that involve several options (one-option checks are in each field's metadata,
+:mod:`gradclip_hf.options`): combinations that cannot mean anything raise
 (``OptionError``), options the rest of the configuration does not use are returned for one warning each; and
 the Trainer's ``max_grad_norm`` as the pack reads it (:func:`check_max_grad_norm`)."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .config import ScheduleName, SpikeDetection, Strategy
 from .core import NonFinitePolicy, OptionError, SpikeAction
 from .core._checks import FLOAT32_MAX
-
-if TYPE_CHECKING:
-    from .config import ClipConfig
+from .options import ScheduleName, SpikeDetection, Strategy
 
 
 def check_max_grad_norm(value: Any) -> float:
@@ -37,8 +35,8 @@ def check_max_grad_norm(value: Any) -> float:
     return math.inf if value > FLOAT32_MAX else value
 
 
-def _check_combinations(c: "ClipConfig") -> None:
-    """Combinations that cannot mean anything: errors."""
+def check_combinations(c: Any) -> None:
+    """Combinations of the options of ``c`` (a ``ClipConfig`` being built) that cannot mean anything: errors."""
     s = c.strategy
     if c.threshold is not None and math.isinf(c.threshold) and s != Strategy.ZSCORE.value:
         raise OptionError("threshold", c.threshold, "a finite number > 0", "(inf, no cap, is for strategy 'zscore')")
@@ -54,7 +52,7 @@ def _check_combinations(c: "ClipConfig") -> None:
     _check_schedule(c)
 
 
-def _check_schedule(c: "ClipConfig") -> None:
+def _check_schedule(c: Any) -> None:
     schedule = c.schedule
     if schedule == ScheduleName.CONSTANT.value:
         return
@@ -81,8 +79,8 @@ _SCHEDULE_OPTIONS = {"threshold_final": ("linear", "cosine"), "schedule_steps": 
                      "piecewise_boundaries": ("piecewise",), "piecewise_values": ("piecewise",)}
 
 
-def _ignored(c: "ClipConfig") -> list[tuple[str, str]]:
-    """Options set to a non-default value that the rest of the configuration does not use: warnings."""
+def ignored_options(c: Any) -> list[tuple[str, str]]:
+    """Options of ``c`` set to a non-default value that the rest of the configuration does not use: warnings."""
     changed = c.non_default()
     out = [(name, f"it only applies to schedule {' or '.join(map(repr, used))} (schedule is {c.schedule!r}).")
            for name, used in _SCHEDULE_OPTIONS.items() if name in changed and c.schedule not in used]

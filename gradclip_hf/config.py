@@ -1,6 +1,7 @@
 """``ClipConfig``: THE definition of every clipping option (torch only).
 
-Each option is declared once below, with its default, its help text and its allowed values; everything
+Each option is declared once below, with its default, its help text, its allowed values and its check (the
+field's metadata; the checks and the choice Enums are in :mod:`gradclip_hf.options`); everything
 else is derived from these fields: the ``clip_*`` fields of ``GradClipTrainingArguments`` (and of TRL
 configs), the command line (``HfArgumentParser``), the Axolotl YAML keys. :meth:`ClipConfig.build` turns a
 config into a :class:`~gradclip_hf.core.GradClipper` once the run's length and ``max_grad_norm`` are known.
@@ -27,126 +28,22 @@ Schedules are given as thresholds: ``threshold`` at step 0 and ``threshold_final
 import functools
 import math
 import warnings
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from enum import Enum
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Callable, Optional
 
+from ._config_checks import check_combinations, check_max_grad_norm, ignored_options
 from .core import (AGC, Cosine, GradClipper, Linear, MeasureOnly, NonFinitePolicy, NormClip, OptionError,
                    Piecewise, QuantileClip, SpikeAction, SpikeController, SpikeMethod, ValueClip, Warmup, ZScoreClip)
-from .core._checks import (MAX_WINDOW, UnknownOptionError, check_bool, check_choice, check_int,
-                           check_norm_type, check_number, check_patterns)
+from .core._checks import UnknownOptionError, check_bool, check_norm_type, check_number, check_patterns
 from .core.adaptive import ZScoreClipOption, ZScoreMode
+from .options import (Apply, ScheduleName, SpikeDetection, SpikeFilePath, Strategy, choice, choices, display_name,
+                      floats, integer, ints, option, option_names, positive, spike_file, unit)
 from .spikefile import SkipList, read_skip_list
 
 __all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "Apply", "OPTION_CHECKS", "option_names",
-           "check_max_grad_norm"]
+           "check_max_grad_norm", "choices"]
 
-
-class Strategy(str, Enum):
-    NONE, NORM, VALUE, AGC, ZSCORE, QUANTILE = "none", "norm", "value", "agc", "zscore", "quantile"
-
-
-class ScheduleName(str, Enum):
-    CONSTANT, LINEAR, COSINE, WARMUP, PIECEWISE = "constant", "linear", "cosine", "warmup", "piecewise"
-
-
-class SpikeDetection(str, Enum):
-    OFF, LOSS, NORM, BOTH = "off", "loss", "norm", "both"
-
-
-class Apply(str, Enum):
-    AUTO, OPTIMIZER, GRADS = "auto", "optimizer", "grads"
-
-
-def choices(enum: type[Enum]) -> list[str]:
-    """The allowed values of a ``str`` Enum (for ``argparse`` ``choices``)."""
-    return [member.value for member in enum]
-
-
-OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {}  # option -> check(name, value) -> clean value
-_OPTION_NAME: ContextVar[Callable[[str], str]] = ContextVar("gradclip_option_name", default=lambda name: name)
-
-
-@contextmanager
-def option_names(rename: Callable[[str], str]):
-    """Inside this block, errors and warnings of ``ClipConfig`` name each option as ``rename(name)`` (e.g.
-    ``clip_threshold`` for ``GradClipTrainingArguments``)."""
-    token = _OPTION_NAME.set(rename)
-    try:
-        yield
-    finally:
-        _OPTION_NAME.reset(token)
-
-
-def _choice(enum):
-    return lambda n, v: check_choice(n, v, enum).value
-
-
-def _positive(optional=False, allow_inf=False):
-    return lambda n, v: check_number(n, v, low=0.0, low_inclusive=False, optional=optional, allow_inf=allow_inf)
-
-
-def _unit(low_open=True, high_open=False):
-    return lambda n, v: check_number(n, v, low=0.0, high=1.0, low_inclusive=not low_open,
-                                     high_inclusive=not high_open)
-
-
-def _int(low, high=MAX_WINDOW, optional=False):
-    return lambda n, v: check_int(n, v, low=low, high=high, optional=optional)
-
-
-def _ints(n, v):
-    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
-        raise OptionError(n, v, "a list of ints")
-    return [check_int(n, b, low=1) for b in v]
-
-
-def _floats(n, v):
-    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
-        raise OptionError(n, v, "a list of numbers")
-    return [check_number(n, x, low=0.0, low_inclusive=False) for x in v]
-
-
-def option(default: Any, help: str, check: Callable[[str, Any], Any], enum: Optional[type[Enum]] = None) -> Any:
-    """One option: default, help and allowed values (``HfArgumentParser`` reads ``help``/``choices``)."""
-    metadata: dict[str, Any] = {"help": help}
-    if enum is not None:
-        metadata["choices"] = choices(enum)
-    _DECLARED.append(check)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-class SpikeFilePath(str):
-    """The ``skip_steps_from`` path, with what was read from it (once: a pipe can be read only once)."""
-
-    skip: SkipList
-
-
-def _spike_file(n, v):
-    if v is None or isinstance(v, SpikeFilePath):
-        return v
-    if not isinstance(v, str) or not v:
-        raise OptionError(n, v, "a path to a gradclip_spikes.jsonl, or None")
-    try:
-        skip = read_skip_list(v)
-    except ValueError as error:
-        raise OptionError(n, v, "a readable gradclip_spikes.jsonl", str(error)) from None
-    for warning in skip.warnings:
-        warnings.warn(f"`{n}`: {warning}", UserWarning, stacklevel=2)
-    if not skip.steps:
-        warnings.warn(f"`{n}`={v!r} lists no spike or non-finite step (listed skips are not carried over): nothing "
-                      f"will be skipped because of it.", UserWarning, stacklevel=2)
-    path = SpikeFilePath(v)
-    path.skip = skip
-    return path
-
-
-_DECLARED: list[Callable[[str, Any], Any]] = []
-_pos, _pos_opt = _positive(), _positive(optional=True)
+_pos, _pos_opt = positive(), positive(optional=True)
 
 
 @dataclass
@@ -158,35 +55,35 @@ class ClipConfig:
     strategy: str = option("norm", "Clipping strategy: 'norm' (global norm, as torch clip_grad_norm_), 'value' "
                            "(element clamp), 'agc' (adaptive gradient clipping), 'zscore' (ZClip: EMA z-score of the "
                            "norm), 'quantile' (AutoClip: quantile of the norms so far), 'none' (measure and log only).",
-                           _choice(Strategy), Strategy)
+                           choice(Strategy), Strategy)
     threshold: Optional[float] = option(None, "Threshold: max norm (norm), element bound (value), clipping ratio "
                                         "(agc), cap (zscore; inf for none), unused (quantile, none). Default: the "
-                                        "Trainer's max_grad_norm (1.0 outside a Trainer).", _positive(True, True))
+                                        "Trainer's max_grad_norm (1.0 outside a Trainer).", positive(True, True))
     norm_type: float = option(2.0, "p of the gradient norms (>= 1, or inf).", lambda n, v: check_norm_type(v, n))
     apply: str = option("auto", "Where the clip multiplier goes: 'auto' (a fused torch optimizer's grad_scale, one pass "
                         "fewer, except for the drop-in norm configuration, which multiplies in place to stay bit-"
                         "identical to clip_grad_norm_), 'optimizer' (always the fused optimizer when possible), "
-                        "'grads' (always in place).", _choice(Apply), Apply)
+                        "'grads' (always in place).", choice(Apply), Apply)
     schedule: str = option("constant", "Threshold schedule: constant; linear or cosine (threshold -> threshold_final "
                            "over schedule_steps); warmup (warmup_threshold -> threshold over warmup_steps); piecewise "
-                           "(piecewise_values between piecewise_boundaries).", _choice(ScheduleName), ScheduleName)
+                           "(piecewise_values between piecewise_boundaries).", choice(ScheduleName), ScheduleName)
     threshold_final: Optional[float] = option(None, "Threshold at the end of a linear/cosine schedule.", _pos_opt)
     schedule_steps: Optional[int] = option(None, "Length of the linear/cosine schedule in optimizer steps. Default: "
-                                           "the run's max_steps.", _int(1, 10**12, optional=True))
-    warmup_steps: int = option(0, "Length of the warmup schedule in optimizer steps.", _int(0, 10**12))
+                                           "the run's max_steps.", integer(1, 10**12, optional=True))
+    warmup_steps: int = option(0, "Length of the warmup schedule in optimizer steps.", integer(0, 10**12))
     warmup_threshold: Optional[float] = option(None, "Threshold at step 0 of the warmup schedule.", _pos_opt)
-    piecewise_boundaries: list[int] = option([], "Steps where the piecewise threshold changes (increasing).", _ints)
-    piecewise_values: list[float] = option([], "Piecewise thresholds: one more than the boundaries.", _floats)
-    zscore_alpha: float = option(0.97, "ZClip EMA smoothing, in (0, 1).", _unit(True, True))
+    piecewise_boundaries: list[int] = option([], "Steps where the piecewise threshold changes (increasing).", ints)
+    piecewise_values: list[float] = option([], "Piecewise thresholds: one more than the boundaries.", floats)
+    zscore_alpha: float = option(0.97, "ZClip EMA smoothing, in (0, 1).", unit(True, True))
     zscore_z: float = option(2.5, "ZClip: z-score above which a norm is clipped.", _pos)
     zscore_warmup_steps: int = option(25, "ZClip: norms collected before the EMA starts (clipped at the threshold "
-                                      "meanwhile).", _int(1))
-    zscore_mode: str = option("zscore", "ZClip mode.", _choice(ZScoreMode), ZScoreMode)
-    zscore_clip_option: str = option("adaptive_scaling", "ZClip clip value on spikes.", _choice(ZScoreClipOption),
+                                      "meanwhile).", integer(1))
+    zscore_mode: str = option("zscore", "ZClip mode.", choice(ZScoreMode), ZScoreMode)
+    zscore_clip_option: str = option("adaptive_scaling", "ZClip clip value on spikes.", choice(ZScoreClipOption),
                                      ZScoreClipOption)
     quantile: float = option(0.9, "AutoClip: quantile of the norms so far (this step's included), in (0, 1].",
-                             _unit())
-    quantile_history: int = option(1000, "AutoClip: number of past norms kept.", _int(1))
+                             unit())
+    quantile_history: int = option(1000, "AutoClip: number of past norms kept.", integer(1))
     agc_eps: float = option(1e-3, "AGC floor of the weight norm.", _pos)
     exclude: list[str] = option([], "Regular expressions of parameter names neither measured nor clipped (their "
                                 "gradients are still guarded against NaN/Inf).", check_patterns)
@@ -195,46 +92,46 @@ class ClipConfig:
                                           lambda n, v: check_patterns(n, v, optional=True, nonempty=True))
     nonfinite: str = option("skip", "A NaN/Inf in any gradient: 'skip' the update (inside the optimizer step), "
                             "'zero' the step's gradients (the optimizer still steps), 'raise' before touching them, "
-                            "or 'ignore'.", _choice(NonFinitePolicy), NonFinitePolicy)
+                            "or 'ignore'.", choice(NonFinitePolicy), NonFinitePolicy)
     nonfinite_max_consecutive: int = option(10, "Stop training after this many non-finite steps in a row "
-                                            "(nonfinite='skip').", _int(1))
+                                            "(nonfinite='skip').", integer(1))
     spike_detection: str = option("off", "Loss-spike controller: watch the step 'loss', the gradient 'norm', "
                                   "'both', or 'off'. On a spike the threshold is tightened at once (x spike_factor) "
-                                  "and relaxes back while calm.", _choice(SpikeDetection), SpikeDetection)
+                                  "and relaxes back while calm.", choice(SpikeDetection), SpikeDetection)
     spike_z: float = option(6.0, "A spike is a loss more than spike_z spreads above its baseline.", _pos)
     spike_norm_z: Optional[float] = option(None, "z of the gradient-norm detector (default: spike_z).", _pos_opt)
     spike_ratio: Optional[float] = option(None, "Also a spike: a value above spike_ratio x its baseline (> 1).",
                                           lambda n, v: check_number(n, v, low=1.0, low_inclusive=False, optional=True))
-    spike_warmup_steps: int = option(20, "Steps observed before spikes are flagged.", _int(2))
+    spike_warmup_steps: int = option(20, "Steps observed before spikes are flagged.", integer(2))
     spike_method: str = option("ema", "Running statistics: 'ema' (mean/variance) or 'mad' (median/MAD of the last "
-                               "max(100, spike_warmup_steps) steps).", _choice(SpikeMethod), SpikeMethod)
+                               "max(100, spike_warmup_steps) steps).", choice(SpikeMethod), SpikeMethod)
     spike_action: str = option("tighten", "On a spike, besides tightening: 'tighten' only, 'skip' the update, "
                                "'rollback' to the last in-memory snapshot, or 'stop' training.",
-                               _choice(SpikeAction), SpikeAction)
+                               choice(SpikeAction), SpikeAction)
     spike_adapt_after: int = option(10, "Consecutive spikes after which the detectors take the new level in (a lasting "
-                                    "shift of the loss is followed instead of flagged for ever).", _int(1))
-    spike_factor: float = option(0.5, "Threshold multiplier on each spike, in (0, 1]; 1 never tightens.", _unit())
+                                    "shift of the loss is followed instead of flagged for ever).", integer(1))
+    spike_factor: float = option(0.5, "Threshold multiplier on each spike, in (0, 1]; 1 never tightens.", unit())
     spike_relax_half_life: float = option(20.0, "Calm steps for the threshold factor's distance to 1 to halve.",
                                           _pos)
-    spike_min_factor: float = option(0.05, "Floor of the threshold factor, in (0, 1].", _unit())
+    spike_min_factor: float = option(0.05, "Floor of the threshold factor, in (0, 1].", unit())
     spike_snapshot_every: int = option(50, "Clean steps between in-memory snapshots (spike_action='rollback').",
-                                       _int(1))
+                                       integer(1))
     skip_steps: list[int] = option([], "Optimizer steps (numbered from 1, as train/global_step logs them) whose update "
                                    "is skipped: their batches are still consumed, so the data order stays the same.",
-                                   _ints)
+                                   ints)
     skip_steps_from: Optional[str] = option(None, "A gradclip_spikes.jsonl written by an earlier run: skip the update "
                                             "of every spike and non-finite step it lists (resume from a checkpoint "
-                                            "before them).", _spike_file)
+                                            "before them).", spike_file)
     loss_cap: Optional[float] = option(None, "Loss watchdog: stop training when the step loss stays above this (or "
                                        "is NaN/Inf) for loss_cap_patience steps in a row.", _pos_opt)
-    loss_cap_patience: int = option(1, "Steps in a row above loss_cap before the watchdog stops training.", _int(1))
+    loss_cap_patience: int = option(1, "Steps in a row above loss_cap before the watchdog stops training.", integer(1))
     log_layers_top_k: int = option(8, "Log the pre-clip norms of the k layers with the largest norms "
                                    "(gradclip/layer/<name>; W&B and TensorBoard only, not the console); 0 for none.",
-                                   _int(0))
+                                   integer(0))
     log_layer_patterns: list[str] = option([], "Regular expressions of parameter names whose norms are always logged.",
                                            check_patterns)
     wandb_histogram_every: int = option(10, "With W&B: a histogram of per-layer norms every this many logging steps "
-                                        "(0: never).", _int(0))
+                                        "(0: never).", integer(0))
     wandb_alerts: bool = option(True, "With W&B: alerts for spikes (at most one per 5 minutes) and stops.",
                                 check_bool)
     reset_statistics: bool = option(False, "On resume, do not load the checkpoint's gradclip state: the clipping "
@@ -242,14 +139,14 @@ class ClipConfig:
                                     "options, e.g. zscore_warmup_steps or spike_method).", check_bool)
 
     def __post_init__(self) -> None:
-        rename = _OPTION_NAME.get()
+        rename = display_name()
         try:
             for f in fields(self):
-                setattr(self, f.name, OPTION_CHECKS[f.name](f.name, getattr(self, f.name)))
-            _check_combinations(self)
+                setattr(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+            check_combinations(self)
         except OptionError as error:
             raise error.renamed(rename) from None
-        for name, reason in _ignored(self):
+        for name, reason in ignored_options(self):
             warnings.warn(f"`{rename(name)}`={getattr(self, name)!r} is ignored: {reason}", UserWarning, stacklevel=4)
 
     @classmethod
@@ -368,7 +265,7 @@ class ClipConfig:
             min_factor=self.spike_min_factor)
 
 
-OPTION_CHECKS.update(zip(ClipConfig.field_names(), _DECLARED))
+OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {f.name: f.metadata["check"] for f in fields(ClipConfig)}
 _FIELD_NAMES = tuple(ClipConfig.field_names())
 _dataclass_init = ClipConfig.__init__
 
@@ -383,8 +280,6 @@ def _init(self: ClipConfig, *args: Any, **options: Any) -> None:
 
 
 ClipConfig.__init__ = _init  # type: ignore[method-assign]
-
-from ._config_checks import _check_combinations, _ignored, check_max_grad_norm  # noqa: E402  (they read the enums)
 
 
 def _default(f) -> Any:

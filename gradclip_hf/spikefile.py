@@ -1,8 +1,19 @@
-"""``gradclip_spikes.jsonl``: the record the Trainer integration writes for every spike, non-finite step, listed
-skip and stop (see :mod:`gradclip_hf.integrations.transformers.records` for the fields). Plain JSON, no torch.
+"""``gradclip_spikes.jsonl``: the file, its fields, its one writer and its one reader. Plain JSON, no torch.
 
-The one reader of the file (``gradclip-hf report`` and ``clip_skip_steps_from`` both use :func:`read_lines`),
-for a file a user hands us, which may be damaged:
+A run writes one line per spike, non-finite step, listed skip and stop (:class:`gradclip_hf.run.records.EventRecorder`
+keeps them on the device and hands them here at logging steps; :func:`append` writes)::
+
+    {"event": "spike" | "nonfinite" | "skip_listed", "step": 1-based optimizer step (train/global_step),
+     "kind": "loss" | "norm" | "loss+norm" | "nonfinite" | "listed", "action": "tighten" | ..., "skipped": bool,
+     "loss", "norm", "threshold", "top_layers": [[name, norm], ...], "time": unix seconds,
+     "loss_baseline", "loss_z", "norm_baseline", "norm_z", "threshold_before", "threshold_after" (spikes),
+     "batch": {"indices": [[...] per process] | None, "fingerprint": hex | None, "text": str | None}}
+
+(``None``: not measured) and, when the pack stops the run, a last line
+``{"event": "stop", "step", "kind": "spike" | "nonfinite" | "loss_cap", "action": "stop", "reason", "time"}``.
+
+The one reader of the file (``gradclip-hf report`` through :func:`read_records`, and ``clip_skip_steps_from``
+through :func:`read_skip_list`, both on :func:`read_lines`), for a file a user hands us, which may be damaged:
 
 - a **torn last line** (a crash in the middle of a write: the last line is not a complete JSON object) is
   skipped with a warning, by every reader;
@@ -18,17 +29,68 @@ from the same path gets the same steps.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["FILE_NAME", "SpikeLines", "SkipList", "read_lines", "read_skip_list", "read_spike_steps"]
+__all__ = ["FILE_NAME", "VALUES", "SpikeRecord", "SpikeLines", "SkipList", "spike_record", "listed_record",
+           "stop_record", "append", "read_lines", "read_records", "read_skip_list", "read_spike_steps"]
 
 FILE_NAME = "gradclip_spikes.jsonl"
 MAX_LINE = 4 * 1024 * 1024  # characters of one line (a record is a few kB): a longer one is skipped, never held whole
 SKIPPED_EVENTS = ("spike", "nonfinite")  # the events a skip list takes from the file
 _READ_ONCE: dict[tuple[int, int], "SkipList"] = {}  # pipes and FIFOs already read, by (device, inode)
+# what the detector measured at a spike (beside ``loss``, ``norm`` and ``threshold``, which every record has)
+DETECTED = ("loss_baseline", "loss_z", "norm_baseline", "norm_z", "threshold_before", "threshold_after")
+VALUES = ("loss", "loss_baseline", "loss_z", "norm", "norm_baseline", "norm_z", "threshold_before", "threshold_after")
+
+
+# ---------------------------------------------------------------------------------------------- the writer
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def spike_record(*, nonfinite: bool, step: int, kind: str, action: str, skipped: bool, loss: float, norm: float,
+                 threshold: float, top_layers: list, batch: dict, detected: Optional[dict] = None) -> dict[str, Any]:
+    """The line of a spike or non-finite step (``detected``: the :data:`DETECTED` values of a spike; NaN/Inf as
+    ``None``)."""
+    record = {"event": "nonfinite" if nonfinite else "spike", "step": step, "kind": kind, "action": action,
+              "skipped": skipped, "loss": _clean(loss), "norm": _clean(norm), "threshold": _clean(threshold),
+              "top_layers": [[name, _clean(value)] for name, value in top_layers], "time": time.time()}
+    if detected is not None:
+        record.update({key: _clean(detected[key]) for key in DETECTED})
+    record["batch"] = {"indices": batch.get("indices"), "fingerprint": batch.get("fingerprint"),
+                       "text": batch.get("text")}
+    return record
+
+
+def listed_record(step: int) -> dict[str, Any]:
+    """The line of a step skipped because ``skip_steps``/``skip_steps_from`` lists it."""
+    return {"event": "skip_listed", "step": step, "kind": "listed", "action": "skip", "skipped": True,
+            "time": time.time()}
+
+
+def stop_record(step: int, kind: str, reason: str) -> dict[str, Any]:
+    """The last line of a run the pack stopped (``kind``: ``spike``, ``nonfinite`` or ``loss_cap``)."""
+    return {"event": "stop", "step": step, "kind": kind, "action": "stop", "reason": reason, "time": time.time()}
+
+
+def append(path: str, records: list[dict[str, Any]]) -> None:
+    """Append ``records`` to the file at ``path``, one JSON line each, and flush (a crash keeps what was
+    written)."""
+    if not records:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.flush()
+
+
+# ---------------------------------------------------------------------------------------------- the reader
 
 
 @dataclass
@@ -157,3 +219,86 @@ def read_skip_list(path: str) -> SkipList:
 def read_spike_steps(path: str) -> list[int]:
     """The steps of every spike and non-finite event in a ``gradclip_spikes.jsonl`` (see :func:`read_skip_list`)."""
     return sorted(read_skip_list(path).steps)
+
+
+# ---------------------------------------------------------------------------------------------- typed records
+def as_float(value: Any) -> Optional[float]:
+    """A JSON number as a float (NaN/Inf kept), anything else (None, bool, text, an int too large for a float)
+    as ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def as_int(value: Any) -> Optional[int]:
+    number = as_float(value)
+    return int(number) if number is not None and math.isfinite(number) else None
+
+
+def as_str(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
+def _indices(value: Any, depth: int = 4) -> Optional[list]:
+    """A line's dataset indices (per process, per micro-batch: lists of ints or None, at most ``depth`` lists
+    deep), else ``None``."""
+    def fits(node: Any, left: int) -> bool:
+        if node is None or (isinstance(node, int) and not isinstance(node, bool)):
+            return True
+        return isinstance(node, list) and left > 0 and all(fits(item, left - 1) for item in node)
+
+    return value if isinstance(value, list) and fits(value, depth) else None
+
+
+def _layers(value: Any) -> list[list]:
+    """``[[name, norm], ...]`` pairs of a line, malformed pairs dropped."""
+    pairs = value if isinstance(value, list) else []
+    return [[p[0], float(p[1])] for p in pairs
+            if isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and as_float(p[1]) is not None]
+
+
+@dataclass(frozen=True)
+class SpikeRecord:
+    """One line of the file as read back; every field may be missing (``None``)."""
+
+    event: Optional[str] = None
+    step: Optional[int] = None
+    kind: Optional[str] = None
+    action: Optional[str] = None
+    skipped: Optional[bool] = None
+    loss: Optional[float] = None
+    loss_baseline: Optional[float] = None
+    loss_z: Optional[float] = None
+    norm: Optional[float] = None
+    norm_baseline: Optional[float] = None
+    norm_z: Optional[float] = None
+    threshold_before: Optional[float] = None
+    threshold_after: Optional[float] = None
+    top_layers: list = field(default_factory=list)
+    indices: Any = None
+    fingerprint: Optional[str] = None
+    text: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "SpikeRecord":
+        """A line's JSON object, each field checked (a value of the wrong type is ``None``)."""
+        batch = obj.get("batch") if isinstance(obj.get("batch"), dict) else {}
+        skipped = obj.get("skipped") if isinstance(obj.get("skipped"), bool) else None
+        return cls(event=as_str(obj.get("event")), step=as_int(obj.get("step")), kind=as_str(obj.get("kind")),
+                   action=as_str(obj.get("action")), skipped=skipped, top_layers=_layers(obj.get("top_layers")),
+                   indices=_indices(batch.get("indices")), fingerprint=as_str(batch.get("fingerprint")),
+                   text=as_str(batch.get("text")), **{k: as_float(obj.get(k)) for k in VALUES})
+
+
+def read_records(path: str) -> tuple[list[SpikeRecord], list[str]]:
+    """The records of a spike file and one warning per line skipped (a torn last line, a line too long, nested
+    too deeply or not a JSON object; see :func:`read_lines`); a file that cannot be read: no records, one
+    warning."""
+    try:
+        lines = read_lines(path)
+    except ValueError as e:
+        return [], [str(e)]
+    return [SpikeRecord.from_json(obj) for _, obj in lines.records], lines.warnings()

@@ -11,7 +11,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
-__all__ = ["Flagged", "group_runs", "describe_run", "ACTION_WORDS"]
+from .spikefile import SpikeRecord
+
+__all__ = ["Flagged", "group_runs", "describe_run", "step_ranges", "ACTION_WORDS"]
 
 # what happened to the update of a flagged step, by spike action (plural for runs)
 ACTION_WORDS = {"tighten": ("threshold tightened, update applied", "threshold tightened, updates applied"),
@@ -22,27 +24,16 @@ ACTION_WORDS = {"tighten": ("threshold tightened, update applied", "threshold ti
 
 
 @dataclass(frozen=True)
-class Flagged:
-    """One flagged step as it is summarised. ``event``: ``"spike"``, ``"nonfinite"`` or ``"listed"`` (a step
-    skipped because ``clip_skip_steps``/``clip_skip_steps_from`` lists it, with no spike of its own);
-    ``action``: the spike action (``tighten``/``skip``/``rollback``/``stop``); ``skipped``: whether the update
-    was skipped (``None``: follows from ``action``); ``listed``: the step was listed for skipping. Values that
-    were not measured are ``None``."""
+class Flagged(SpikeRecord):
+    """One flagged step as it is summarised: its spike file record (:class:`~gradclip_hf.spikefile.SpikeRecord`,
+    read back or made from a spike event during training) and whether it was listed. ``event``: ``"spike"``,
+    ``"nonfinite"`` or ``"listed"`` (a step skipped because ``clip_skip_steps``/``clip_skip_steps_from`` lists
+    it, with no spike of its own); ``action``: the spike action (``tighten``/``skip``/``rollback``/``stop``);
+    ``skipped``: whether the update was skipped (``None``: follows from ``action``); ``listed``: the step was
+    listed for skipping. Values that were not measured are ``None``."""
 
-    step: int
-    event: str = "spike"
-    kind: Optional[str] = None
-    action: Optional[str] = None
-    skipped: Optional[bool] = None
+    event: Optional[str] = "spike"
     listed: bool = False
-    loss: Optional[float] = None
-    loss_baseline: Optional[float] = None
-    loss_z: Optional[float] = None
-    norm: Optional[float] = None
-    norm_baseline: Optional[float] = None
-    norm_z: Optional[float] = None
-    threshold_before: Optional[float] = None
-    threshold_after: Optional[float] = None
 
     @classmethod
     def from_spike_event(cls, event: Any, base_threshold: Optional[float], action: str,
@@ -81,6 +72,19 @@ def group_runs(items: Iterable[Flagged]) -> list[list[Flagged]]:
         else:
             runs.append([item])
     return runs
+
+
+def step_ranges(steps: Sequence[int], limit: Optional[int] = None) -> str:
+    """``"61-80, 95"`` for sorted steps: runs of consecutive steps as ranges (at most ``limit`` of them, then
+    ``" and N more runs"``)."""
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and step == runs[-1][1] + 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
+    return shown + (f" and {len(runs) - limit} more runs" if limit is not None and len(runs) > limit else "")
 
 
 def _finite(values: Iterable[Optional[float]]) -> list[float]:

@@ -17,7 +17,7 @@ from gradclip_hf import demo  # noqa: E402
 from gradclip_hf.cli import main  # noqa: E402
 from gradclip_hf.config import ClipConfig  # noqa: E402
 from gradclip_hf.demo import report  # noqa: E402
-from gradclip_hf.experiments.scenarios import GALLERY  # noqa: E402
+from gradclip_hf.demo.scenarios import SCENARIOS as GALLERY  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

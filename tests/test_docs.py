@@ -1,6 +1,6 @@
 """Every ```python block of the README and of docs/*.md runs, in order, one namespace per file (so a later block
 can use an earlier one's names), in a temporary working directory. Blocks are written as a user would run
-them; where they use a model or data of the user's, the stand-ins come from ``gradclip_hf.experiments.bytelm``
+them; where they use a model or data of the user's, the stand-ins come from ``gradclip_hf.standins``
 in the block itself. A snippet that does not run fails here, not for a user."""
 
 from __future__ import annotations

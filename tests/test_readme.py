@@ -24,7 +24,7 @@ def test_the_options_page_is_generated_from_the_code():
 
 def test_every_metric_key_is_in_the_readme():
     pytest.importorskip("transformers")
-    from gradclip_hf.integrations.transformers.metrics import METRIC_KEYS
+    from gradclip_hf.run.metrics import METRIC_KEYS
 
     missing = [key for key in METRIC_KEYS if f"`{key}`" not in README]
     assert not missing, f"metric keys missing from the README: {missing}"

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from gradclip_hf.cli import main
 from gradclip_hf.report import advice as rules
 from gradclip_hf.report import build_report, load_run, render_text
-from gradclip_hf.report.load import SPIKE_FILE, read_spike_file
+from gradclip_hf.report.load import SPIKE_FILE
+from gradclip_hf.spikefile import read_records as read_spike_file
 from gradclip_hf.report.stats import clip_rate, outliers, percentile, phases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -520,7 +521,7 @@ def _train(tmp_path, name, trainer_cls="stock", steps=20, logging_steps=1, spike
     import torch
 
     from gradclip_hf import ClipConfig, GradClipTrainer
-    from gradclip_hf.experiments.bytelm import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
+    from gradclip_hf.standins import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
 
     torch.set_num_threads(1)
     data = ByteLMDataset(stdlib_text(80_000), block_size=64, num_blocks=128)

@@ -74,7 +74,7 @@ def read_as_logging_steps(losses, reads):
 
     from gradclip_hf.config import ClipConfig
     from gradclip_hf.core._state import to_host
-    from gradclip_hf.integrations.transformers.reporting import SpikeMessages, logger
+    from gradclip_hf.run.messages import SpikeMessages, logger
 
     clipper = ClipConfig.recommended(spike_warmup_steps=5).build(None, 1.0)
     messages, model, said, lines = SpikeMessages(clipper, "test"), torch.nn.Linear(2, 2), {}, Lines()

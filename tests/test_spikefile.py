@@ -11,7 +11,7 @@ import pytest
 from fifo import served_once
 from gradclip_hf.config import ClipConfig
 from gradclip_hf.core import OptionError
-from gradclip_hf.report.load import read_spike_file
+from gradclip_hf.spikefile import read_records as read_spike_file
 
 SPIKE = {"event": "spike", "step": 7, "batch": {"indices": [[1, 2]], "fingerprint": "00000000000000ab", "text": "x"}}
 NONFINITE = {"event": "nonfinite", "step": 9, "batch": {"indices": None, "fingerprint": None, "text": None}}
@@ -86,7 +86,7 @@ def test_the_batch_record_reads_a_batch_encoding_without_a_host_sync():
     transformers = pytest.importorskip("transformers")
     from host_sync import no_host_sync
 
-    from gradclip_hf.integrations.transformers.batches import BatchTracker, fingerprints
+    from gradclip_hf.run.batches import BatchTracker, fingerprints
 
     ids = torch.tensor([[257, 104, 105, 256, 256], [257, 104, 101, 108, 108]])
     mask = (ids != 256).long()

@@ -1,6 +1,7 @@
 """Build the sdist and the wheel, check them with twine, install the wheel into a fresh virtualenv (torch pinned
 first) and use it from there: ``import gradclip_hf``, the ``gradclip-hf`` console script, a 2-step
-``GradClipTrainer`` run. ``make test`` runs it (``make test-package``).
+``GradClipTrainer`` run on the stand-ins, and ``gradclip-hf demo`` (10 steps per run). The wheel holds the package
+only: the research harness (``benchmarks/``) stays in the repository. ``make test`` runs it (``make test-package``).
 
     python tools/check_package.py [--torch torch==2.13.0]
 """
@@ -14,13 +15,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = r"""
 import tempfile, torch, transformers
 import gradclip_hf
 from gradclip_hf import ClipConfig, GradClipTrainer
-from gradclip_hf.experiments.bytelm import ByteLMDataset, stdlib_text, tiny_llama
+from gradclip_hf.standins import ByteLMDataset, stdlib_text, tiny_llama
 assert "GradClipTrainer" in dir(gradclip_hf) and gradclip_hf.__file__.find("site-packages") > 0, gradclip_hf.__file__
 args = transformers.TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=2,
                                       report_to="none", use_cpu=True, logging_steps=1, disable_tqdm=True)
@@ -49,14 +51,22 @@ def main() -> int:
         artifacts = sorted(glob.glob(os.path.join(dist, "*")))
         run([sys.executable, "-m", "twine", "check", "--strict", *artifacts])
         wheel = next(a for a in artifacts if a.endswith(".whl"))
+        tops = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist()}
+        if any(t != "gradclip_hf" and not t.endswith(".dist-info") for t in tops):
+            raise SystemExit(f"the wheel holds more than the package: {sorted(tops)}")
         venv = os.path.join(tmp, "venv")
         run([sys.executable, "-m", "venv", venv])
         py = os.path.join(venv, "bin", "python")
         pip = [py, "-m", "pip", "install", "--quiet"]
         run(pip + [opts.torch])
-        run(pip + [f"{wheel}[transformers]"])
+        run(pip + [f"{wheel}[transformers]", "matplotlib"])
         run([os.path.join(venv, "bin", "gradclip-hf"), "--help"], stdout=subprocess.DEVNULL)
-        run([py, "-c", SMOKE], cwd=tmp, env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": ""})
+        env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": ""}
+        run([py, "-c", SMOKE], cwd=tmp, env=env)
+        run([os.path.join(venv, "bin", "gradclip-hf"), "demo", "--steps", "10", "--no-wandb", "--no-progress",
+             "--output-dir", "demo_output"], cwd=tmp, env=env, stdout=subprocess.DEVNULL)
+        if not os.path.isfile(os.path.join(tmp, "demo_output", "report.md")):
+            raise SystemExit("gradclip-hf demo from the wheel wrote no report.md")
         print(f"package check passed in {time.perf_counter() - start:.0f} s: {', '.join(map(os.path.basename, artifacts))}")
     return 0
 

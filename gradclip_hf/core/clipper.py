@@ -6,16 +6,18 @@ spike controller's), guards against non-finite gradients in EVERY gradient the o
 (selected or not), and returns a :class:`ClipReport` of device tensors. Nothing leaves the device unless
 the caller asks (``report.to_floats()``, one transfer) or ``nonfinite="raise"`` is chosen.
 
-With ``defer=True`` a scalar strategy's multiplier is not written into the gradients: the caller hands
-``report.optimizer_coef`` to the optimizer (a fused torch optimizer divides by ``grad_scale = 1/coef`` in
-its own pass; see :mod:`gradclip_hf.integrations.optim`).
+Like torch's ``get_total_norm`` and ``clip_grads_with_norm_`` it works in two public steps:
+:meth:`GradClipper.plan` measures, decides and updates the statistics, and :meth:`GradClipper.apply_` writes the
+multipliers into the gradients (:meth:`GradClipper.clip_` does both). Between them, a caller whose optimizer can
+take the multiplier in its own pass (a fused torch optimizer divides by ``grad_scale = 1/coef``; see
+:class:`gradclip_hf.run.LocalStep`) asks ``apply_(report, hand_off=True)`` for it instead: one write pass fewer.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple, Union
 
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from ._checks import OptionError, StateError, check_bool, check_choice, check_int, check_patterns
 from .norms import GradNorms, combine_norms, grad_norms, to_local
 from .schedules import Schedule
+from .report import ClipReport, Pending
 from .spikes import SpikeController, SpikeDecision
 from .strategies import ClipOutcome, ClipStrategy, scale_grads_
 
@@ -77,47 +80,6 @@ class ClipGroup:
         object.__setattr__(self, "patterns", tuple(patterns))
         if not isinstance(self.strategy, ClipStrategy):
             raise OptionError("strategy", self.strategy, "a ClipStrategy")
-
-
-@dataclass
-class ClipReport:
-    """What :meth:`GradClipper.clip_` did at one step. Tensors are 0-dim and on the device.
-
-    Attributes:
-        step: optimizer steps done before this one (what drives the schedule).
-        norm / norm_post: pre- and post-clip norm of all measured gradients.
-        threshold: threshold of the default group (after schedule and factor); coef: its post/pre ratio.
-        clipped: whether any group was clipped.
-        nonfinite: whether any gradient (measured or not) held a NaN or Inf.
-        skip: whether the update must be skipped (``nonfinite`` under the ``skip`` policy).
-        scale: schedule value times factor, the multiplier of the strategies' thresholds.
-        names / per_tensor_norms: the measured parameters and their pre-clip norms (1-dim).
-        groups: each group's :class:`ClipOutcome`; spike: the :class:`SpikeDecision` (``None`` without one).
-        optimizer_coef: with ``defer=True`` and a scalar strategy, the multiplier NOT yet applied to the
-            gradients (finite and > 0, 1 on non-finite steps), for the optimizer; else ``None``.
-    """
-
-    step: int
-    norm: Tensor
-    norm_post: Tensor
-    threshold: Tensor
-    coef: Tensor
-    clipped: Tensor
-    nonfinite: Tensor
-    skip: Tensor
-    scale: Tensor
-    names: list[str]
-    per_tensor_norms: Tensor
-    groups: dict[str, ClipOutcome] = field(default_factory=dict)
-    spike: SpikeDecision | None = None
-    optimizer_coef: Tensor | None = None
-
-    SCALARS = ("norm", "norm_post", "threshold", "coef", "clipped", "nonfinite", "skip", "scale")
-
-    def to_floats(self) -> dict[str, float]:
-        """The scalar fields as Python floats, in one device-to-host transfer."""
-        values = torch.stack([getattr(self, k).detach().to(torch.float64).reshape(()) for k in self.SCALARS])
-        return dict(zip(self.SCALARS, values.tolist()))
 
 
 class _Measured(NamedTuple):
@@ -287,10 +249,12 @@ class GradClipper:
                 f"to leave them to a GradScaler.")
 
     @torch.no_grad()
-    def clip_(self, parameters: Parameters, step: int, *, loss: Tensor | None = None,
-              factor: float | Tensor = 1.0, observe: Tensor | None = None, defer: bool = False) -> ClipReport:
-        """Measure and clip the gradients of ``parameters``, after backward (and after unscaling fp16
-        gradients), once per optimizer step.
+    def plan(self, parameters: Parameters, step: int, *, loss: Tensor | None = None,
+             factor: float | Tensor = 1.0, observe: Tensor | None = None) -> ClipReport:
+        """Measure the gradients of ``parameters`` and decide their clip, once per optimizer step, after backward
+        (and after unscaling fp16 gradients): the norms, the spike controller, the thresholds and the
+        statistics. No scalar multiplier is written yet (:meth:`apply_` does, or the caller hands it to the
+        optimizer); element-wise strategies (``ValueClip``, ``AGC``) clip their group in place here.
 
         Args:
             parameters: a module, parameters, or ``(name, parameter)`` pairs.
@@ -298,8 +262,6 @@ class GradClipper:
             loss: the step loss (0-dim tensor, mean over micro-batches) for the spike controller.
             factor: extra multiplier of the thresholds, float or 0-dim tensor.
             observe: 0-dim bool tensor; False keeps this step out of adaptive statistics.
-            defer: leave a scalar strategy's multiplier out of the gradients (``report.optimizer_coef``), when
-                one group measures every gradient; otherwise (or ``False``) clip in place.
 
         Raises:
             ValueError: no selected parameter has a gradient.
@@ -313,38 +275,65 @@ class GradClipper:
         observe = ~nonfinite if observe is None else observe & ~nonfinite
         decision = None
         if self.spikes is not None:
-            decision = self.spikes.step(loss, norm, step)
+            decision = self.spikes.decide(self.spikes.observe_loss(loss, step, norm.device), norm)
             factor = decision.factor * factor
             observe = observe & ~decision.spike
         scale = self.scale_at(step) * factor
-        deferring = defer and len(measured) == 1 and measured[0].strategy.scalar and not others
-        outcomes = {m.group: self._clip_group(m, scale, observe, deferring) for m in measured}
-        if self.nonfinite is NonFinitePolicy.ZERO:
-            _zero_if_(nonfinite, [g for m in measured for g in m.grads] + others)
-        return self._report(step, norm, nonfinite, scale, measured, outcomes, decision, deferring)
+        outcomes = {m.group: self._plan_group(m, scale, observe) for m in measured}
+        zero = [g for m in measured for g in m.grads] + others if self.nonfinite is NonFinitePolicy.ZERO else None
+        pending = Pending([(m.grads, outcomes[m.group]) for m in measured if m.strategy.scalar], zero, nonfinite,
+                           len(measured) == 1 and measured[0].strategy.scalar and not others)
+        return self._report(step, norm, nonfinite, scale, measured, outcomes, decision, pending)
+
+    @torch.no_grad()
+    def apply_(self, report: ClipReport, *, hand_off: bool = False) -> Tensor | None:
+        """Write what :meth:`plan` decided into the gradients: each scalar group's multiplier, then (under
+        ``nonfinite="zero"``) zeros on a non-finite step. Once per report (a second call does nothing).
+
+        ``hand_off=True``: when one scalar group measures every gradient, its multiplier is not written but
+        returned (finite and > 0, 1 on a non-finite step; also ``report.optimizer_coef``) for an optimizer that
+        applies it in its own pass (a fused torch optimizer: ``grad_scale = 1 / coef``); otherwise, and
+        without ``hand_off``, it is written here and ``None`` is returned."""
+        pending, report.pending = report.pending, None
+        if pending is None:
+            return None
+        coef = None
+        if hand_off and pending.single:
+            coef = pending.scaled[0][1].coef.to(torch.float32)
+            coef = torch.where(pending.nonfinite | ~(coef > 0), torch.ones_like(coef), coef)
+        else:
+            for grads, outcome in pending.scaled:
+                scale_grads_(grads, outcome.coef)
+        if pending.zero is not None:
+            _zero_if_(pending.nonfinite, pending.zero)
+        report.optimizer_coef = coef
+        return coef
+
+    def clip_(self, parameters: Parameters, step: int, *, loss: Tensor | None = None,
+              factor: float | Tensor = 1.0, observe: Tensor | None = None) -> ClipReport:
+        """Measure and clip the gradients of ``parameters``: :meth:`plan`, then :meth:`apply_` (see them)."""
+        report = self.plan(parameters, step, loss=loss, factor=factor, observe=observe)
+        self.apply_(report)
+        return report
 
     @staticmethod
-    def _clip_group(m: _Measured, scale: float | Tensor, observe: Tensor, deferring: bool) -> ClipOutcome:
+    def _plan_group(m: _Measured, scale: float | Tensor, observe: Tensor) -> ClipOutcome:
         if not m.strategy.scalar:
             return m.strategy.clip_(m.grads, m.norms, scale=scale, observe=observe,
                                     params=m.params if m.strategy.needs_params else None, names=m.names)
-        outcome = m.strategy.plan(m.norms, scale=scale, observe=observe)
-        if not deferring:
-            m.strategy.apply_(m.grads, outcome)
-        return outcome
+        return m.strategy.plan(m.norms, scale=scale, observe=observe)
+
+    def skip_of(self, nonfinite: Tensor) -> Tensor:
+        """The core's own answer for a step with these non-finite flags: skip its update (``nonfinite="skip"``)."""
+        return nonfinite if self.nonfinite is NonFinitePolicy.SKIP else torch.zeros_like(nonfinite)
 
     def _report(self, step: int, norm: Tensor, nonfinite: Tensor, scale: float | Tensor, measured: list[_Measured],
-                outcomes: dict[str, ClipOutcome], decision: SpikeDecision | None, deferring: bool) -> ClipReport:
+                outcomes: dict[str, ClipOutcome], decision: SpikeDecision | None, pending: Pending) -> ClipReport:
         device = norm.device
         main = outcomes.get(DEFAULT_GROUP, next(iter(outcomes.values())))
         per_tensor = [m.norms.per_tensor.to(device) for m in measured]
-        optimizer_coef = None
-        if deferring:
-            coef = main.coef.to(torch.float32)
-            optimizer_coef = torch.where(nonfinite | ~(coef > 0), torch.ones_like(coef), coef)
-        skip = nonfinite if self.nonfinite is NonFinitePolicy.SKIP else torch.zeros_like(nonfinite)
         return ClipReport(
-            step=step, norm=norm, nonfinite=nonfinite, skip=skip,
+            step=step, norm=norm, nonfinite=nonfinite, skip=self.skip_of(nonfinite),
             norm_post=combine_norms([o.norm_post for o in outcomes.values()], self.strategy.norm_type),
             threshold=main.threshold, coef=main.coef,
             clipped=torch.stack([o.clipped.to(device) for o in outcomes.values()]).any(),
@@ -352,7 +341,7 @@ class GradClipper:
             else torch.full((), scale, device=device),
             names=[n for m in measured for n in m.names],
             per_tensor_norms=per_tensor[0] if len(per_tensor) == 1 else torch.cat(per_tensor),
-            groups=outcomes, spike=decision, optimizer_coef=optimizer_coef)
+            groups=outcomes, spike=decision, pending=pending)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ caller reads the threshold (:meth:`host_threshold` says when no read is needed).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,19 +28,18 @@ from torch import Tensor
 from ._checks import OptionError
 from .clipper import ClipReport, GradClipper, NonFinitePolicy
 from .norms import GradNorms
-from .spikes import SpikeController, SpikeDecision, reduce_loss
+from .spikes import LossPhase
 from .strategies import TORCH_EPS, MeasureOnly, NormClip
 
 __all__ = ["ExternalClip"]
 
 
-class _Pending:
+class _Pending(NamedTuple):
     """What :meth:`ExternalClip.before` decided, for :meth:`ExternalClip.after`."""
-
-    def __init__(self, step: int, threshold: Tensor, scale: Tensor, loss: Tensor, loss_spike: Tensor,
-                 loss_z: Tensor, loss_base: Tensor, factor_before: Tensor):
-        self.step, self.threshold, self.scale, self.loss = step, threshold, scale, loss
-        self.loss_spike, self.loss_z, self.loss_base, self.factor_before = loss_spike, loss_z, loss_base, factor_before
+    step: int
+    threshold: Tensor
+    scale: Tensor
+    loss_phase: LossPhase | None  # the spike controller's first phase (None without a controller)
 
 
 class ExternalClip:
@@ -88,77 +87,42 @@ class ExternalClip:
 
     def peek(self, step: int) -> Tensor:
         """The threshold ``step`` would get without a spike on its loss (nothing is updated): after a resume."""
-        factor = self._factor()
-        return self.clipper.strategy.next_threshold(self.device).to(torch.float64) * self.clipper.scale_at(step) * (
-            factor if factor is not None else 1.0)
-
-    def _factor(self) -> Tensor | None:
         spikes = self.clipper.spikes
-        return None if spikes is None else spikes._device_state(self.device)["factor"]
+        factor = 1.0 if spikes is None else spikes.current_factor(self.device)
+        return self.clipper.strategy.next_threshold(self.device).to(torch.float64) * self.clipper.scale_at(step) * factor
 
     @torch.no_grad()
     def before(self, step: int, loss: Tensor | None = None) -> Tensor:
         """This step's threshold (0-dim, ``inf`` for no clip). ``loss``: the step loss (mean over micro-batches),
-        for the loss detector."""
-        spikes, nan = self.clipper.spikes, torch.full((), math.nan, dtype=torch.float64, device=self.device)
-        loss_x = nan if loss is None else loss.detach().to(device=self.device, dtype=torch.float64).reshape(())
-        loss_spike, loss_z, loss_base = torch.zeros((), dtype=torch.bool, device=self.device), nan, nan
-        factor_before = factor = torch.ones((), dtype=torch.float64, device=self.device)
-        if spikes is not None:
-            if loss is not None and spikes.reduce:
-                loss_x = reduce_loss(loss_x)
-            if spikes.loss_detector is not None and loss is not None:
-                loss_spike, loss_z, loss_base = spikes.loss_detector.update(loss_x)
-            state = spikes._device_state(self.device)
-            factor_before = state["factor"].clone()
-            factor = _tightened(spikes, factor_before, loss_spike)
-            state["factor"] = factor.clone()
+        for the loss detector (the spike controller's first phase: a loss spike tightens this step)."""
+        spikes = self.clipper.spikes
+        phase = None if spikes is None else spikes.observe_loss(loss, step, self.device)
+        factor = torch.ones((), dtype=torch.float64, device=self.device) if phase is None else phase.factor
         scale = factor * self.clipper.scale_at(step)
         threshold = self.clipper.strategy.next_threshold(self.device).to(torch.float64) * scale
-        self._pending = _Pending(step, threshold, scale, loss_x, loss_spike, loss_z, loss_base, factor_before)
+        self._pending = _Pending(step, threshold, scale, phase)
         return threshold
 
     # ------------------------------------------------------------------ after the step
     @torch.no_grad()
     def after(self, norm: Tensor | float) -> ClipReport:
-        """The report of the step :meth:`before` prepared, from the optimizer's pre-clip ``norm``."""
+        """The report of the step :meth:`before` prepared, from the optimizer's pre-clip ``norm`` (the spike
+        controller's second phase: a norm spike tightens from the next step on, the step was clipped already)."""
         p = self._pending
         if p is None:
             raise RuntimeError("ExternalClip.after() without before(): call before() ahead of each optimizer step.")
         self._pending = None
         norm = torch.as_tensor(norm, dtype=torch.float64, device=self.device).reshape(())
         nonfinite = ~torch.isfinite(norm)
-        decision = self._norm_phase(p, norm, nonfinite)
+        decision = None if p.loss_phase is None else self.clipper.spikes.decide(p.loss_phase, norm,
+                                                                                 factor_applied=True)
         observe = ~nonfinite if decision is None else ~nonfinite & ~decision.spike
         self.clipper.strategy.plan(GradNorms(norm, norm.reshape(1), 2.0), scale=p.scale, observe=observe)
         coef = torch.where(nonfinite, torch.ones_like(norm),
                            1.0 / torch.clamp((norm + TORCH_EPS) / p.threshold, min=1.0))
-        skip = nonfinite & torch.tensor(self.clipper.nonfinite is NonFinitePolicy.SKIP, device=self.device)
         return ClipReport(step=p.step, norm=norm, norm_post=norm * coef, threshold=p.threshold, coef=coef,
-                          clipped=coef < 1.0, nonfinite=nonfinite, skip=skip, scale=p.scale, names=[],
-                          per_tensor_norms=norm.new_zeros(0), spike=decision)
-
-    def _norm_phase(self, p: _Pending, norm: Tensor, nonfinite: Tensor) -> SpikeDecision | None:
-        spikes = self.clipper.spikes
-        if spikes is None:
-            return None
-        no = torch.zeros((), dtype=torch.bool, device=self.device)
-        nan = torch.full((), math.nan, dtype=torch.float64, device=self.device)
-        norm_spike, norm_z, norm_base = no, nan, nan
-        if spikes.norm_detector is not None:
-            norm_spike, norm_z, norm_base = spikes.norm_detector.update(norm)
-        state = spikes._device_state(self.device)
-        after = torch.where(norm_spike & ~p.loss_spike, _tightened(spikes, state["factor"], norm_spike, relax=False),
-                            state["factor"])
-        state["factor"] = after.clone()
-        spike = p.loss_spike | norm_spike
-        spikes.events.record([torch.full((), float(p.step + 1), dtype=torch.float64, device=self.device), p.loss,
-                              p.loss_base, p.loss_z, norm, norm_base, norm_z, p.factor_before, after, p.loss_spike,
-                              norm_spike], spike)
-        act = spike if spikes.action.value != "tighten" else no
-        return SpikeDecision(spike=spike, loss_spike=p.loss_spike, norm_spike=norm_spike, factor=after, loss=p.loss,
-                             loss_z=p.loss_z, loss_baseline=p.loss_base, norm_z=norm_z, norm_baseline=norm_base,
-                             act=act)
+                          clipped=coef < 1.0, nonfinite=nonfinite, skip=self.clipper.skip_of(nonfinite),
+                          scale=p.scale, names=[], per_tensor_norms=norm.new_zeros(0), spike=decision)
 
     def state_dict(self) -> dict[str, Any]:
         return self.clipper.state_dict()
@@ -166,8 +130,3 @@ class ExternalClip:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clipper.load_state_dict(state)
 
-
-def _tightened(spikes: SpikeController, factor: Tensor, spike: Tensor, relax: bool = True) -> Tensor:
-    """The controller's factor rule: ``x spike_factor`` (floored) on a spike, else relaxed towards 1."""
-    calm = 1.0 - (1.0 - factor) * spikes._relax if relax else factor
-    return torch.where(spike, (factor * spikes.spike_factor).clamp(min=spikes.min_factor), calm)

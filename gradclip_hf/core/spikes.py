@@ -26,19 +26,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._checks import (MAX_WINDOW, OptionError, StateError, check_choice, check_floats, check_int, check_number, state_field)
-from ._state import DeviceState, EventLog, floats_or_none, ring_write_
+from ._checks import MAX_WINDOW, StateError, check_choice, check_int, check_number, state_field
+from ._state import DeviceState, EventLog
+from .detectors import SpikeDetector, SpikeMethod
 
-__all__ = ["SpikeMethod", "SpikeAction", "SpikeDetector", "SpikeController", "SpikeDecision", "SpikeEvent",
-           "reduce_loss"]
-
-
-class SpikeMethod(str, Enum):
-    """Running statistics of a :class:`SpikeDetector`: ``ema`` (EMA mean and variance) or ``mad`` (median
-    and median absolute deviation of a window: more robust, slightly more work)."""
-
-    EMA = "ema"
-    MAD = "mad"
+__all__ = ["SpikeMethod", "SpikeAction", "SpikeDetector", "SpikeController", "LossPhase", "SpikeDecision",
+           "SpikeEvent", "reduce_loss"]
 
 
 class SpikeAction(str, Enum):
@@ -56,107 +49,24 @@ class SpikeAction(str, Enum):
     STOP = "stop"
 
 
-class SpikeDetector(DeviceState):
-    """Flags values far above their running baseline; spikes stay out of the statistics.
+@dataclass
+class LossPhase:
+    """What :meth:`SpikeController.observe_loss` found before the norm is known; 0-dim device tensors.
 
-    After ``warmup_steps`` values, a value is a spike when its z-score ``(x - baseline) / spread`` exceeds
-    ``z``, or (if ``ratio`` is set) when ``x > ratio * baseline``. ``spread`` is the running std (``ema``) or
-    ``1.4826 * MAD`` (``mad``), floored at ``min_rel_spread * |baseline|`` so that a very flat loss does not
-    make noise look like spikes. After ``adapt_after`` spikes in a row the values are taken in again: the
-    level has moved, and the detector follows instead of flagging every step from then on. Non-finite
-    values are neither spikes nor observed.
-
-    Args:
-        z: z-score threshold, ``> 0``.
-        ratio: optional ratio threshold, ``> 1``.
-        warmup_steps: values observed before any spike can be flagged, ``2 .. 1,000,000``.
-        method: ``"ema"`` or ``"mad"``.
-        alpha: EMA smoothing (``ema``), in ``(0, 1)``.
-        window: values kept (``mad``), ``>= warmup_steps``.
-        min_rel_spread: floor of the spread relative to the baseline, ``>= 0``.
-        adapt_after: consecutive spikes after which values enter the statistics anyway, ``>= 1``.
+    Attributes:
+        step: optimizer steps done before this one.
+        loss: the step loss used (mean over ranks; NaN when none was given).
+        spike / z / baseline: the loss detector's flag, z-score and baseline (NaN: not measured).
+        factor_before: the factor before this step; factor: this step's factor as far as the loss tells.
     """
 
-    def __init__(self, z: float = 6.0, ratio: float | None = None, warmup_steps: int = 20,
-                 method: str = "ema", alpha: float = 0.9, window: int = 100, min_rel_spread: float = 0.02,
-                 adapt_after: int = 10):
-        self.z = check_number("z", z, low=0.0, low_inclusive=False)
-        self.ratio = check_number("ratio", ratio, low=1.0, low_inclusive=False, optional=True)
-        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=2, high=MAX_WINDOW)
-        self.method = check_choice("method", method, SpikeMethod)
-        self.alpha = check_number("alpha", alpha, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-        self.window = check_int("window", window, low=2, high=MAX_WINDOW)
-        if self.method is SpikeMethod.MAD and self.window < self.warmup_steps:
-            raise OptionError("window", window, f">= `warmup_steps` ({warmup_steps}) with method='mad'")
-        self.min_rel_spread = check_number("min_rel_spread", min_rel_spread, low=0.0)
-        self.adapt_after = check_int("adapt_after", adapt_after, low=1)
-
-    def _fresh(self, device, dtype):
-        t = {"count": torch.zeros((), dtype=torch.int64, device=device),
-             "run": torch.zeros((), dtype=torch.int64, device=device),  # consecutive spikes
-             "mean": torch.zeros((), dtype=dtype, device=device),
-             "var": torch.zeros((), dtype=dtype, device=device)}
-        if self.method is SpikeMethod.MAD:
-            t["ring"] = torch.full((self.window,), math.nan, dtype=dtype, device=device)
-        return t
-
-    def _fill(self, t, state):
-        for key, check, bounds in (("count", check_int, {"low": 0}), ("run", check_int, {"low": 0}),
-                                   ("mean", check_number, {}), ("var", check_number, {"low": 0.0})):
-            t[key].fill_(state_field(state, key, check, **bounds))
-        if "ring" in t:
-            ring = state_field(state, "ring", check_floats, allow_none=True, length=self.window)
-            t["ring"].copy_(torch.tensor([math.nan if v is None else v for v in ring], dtype=t["ring"].dtype))
-
-    def _export(self, t):
-        state: dict[str, Any] = {"count": int(t["count"].item()), "run": int(t["run"].item()),
-                                 "mean": float(t["mean"].item()), "var": float(t["var"].item())}
-        if "ring" in t:
-            state["ring"] = floats_or_none(t["ring"])
-        return state
-
-    def _baseline(self, t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        if self.method is SpikeMethod.EMA:
-            baseline, spread = t["mean"], t["var"].clamp(min=0).sqrt()
-        else:
-            baseline = torch.nanmedian(t["ring"])
-            spread = 1.4826 * torch.nanmedian((t["ring"] - baseline).abs())
-        return baseline, torch.maximum(spread, self.min_rel_spread * baseline.abs()).clamp(min=1e-12)
-
-    @torch.no_grad()
-    def update(self, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Test ``value`` (0-dim tensor) against the statistics, then add it unless it is a spike.
-
-        Returns:
-            ``(spike, z, baseline)``: bool, the z-score (0 during warmup or for a non-finite value) and
-            the baseline, 0-dim tensors.
-        """
-        t = self._device_state(value.device)
-        x = value.detach().to(t["mean"].dtype)
-        finite = torch.isfinite(x)
-        ready = t["count"] >= self.warmup_steps
-        baseline, spread = self._baseline(t)
-        z = torch.where(ready & finite, (x - baseline) / spread, torch.zeros_like(x))
-        spike = z > self.z
-        if self.ratio is not None:
-            spike = spike | (ready & finite & (x > self.ratio * baseline))
-        run = torch.where(spike, t["run"] + 1, torch.where(finite, torch.zeros_like(t["run"]), t["run"]))
-        t["run"].copy_(run)
-        self._observe(t, x, finite & (~spike | (run > self.adapt_after)))
-        return spike, z, baseline
-
-    def _observe(self, t: dict[str, Tensor], x: Tensor, take: Tensor) -> None:
-        count, mean, var = t["count"], t["mean"], t["var"]
-        xs = torch.where(take, x, mean)  # a no-op value when not taken
-        weight = torch.where(count < self.warmup_steps, 1.0 / (count + 1).to(mean.dtype),
-                             torch.full_like(mean, 1.0 - self.alpha))
-        weight = torch.where(take, weight, torch.zeros_like(weight))
-        diff = xs - mean
-        mean.add_(weight * diff)
-        var.copy_((1 - weight) * (var + weight * diff * diff))
-        if "ring" in t:
-            ring_write_(t["ring"], count, x, take)
-        count.add_(take.to(count.dtype))
+    step: int
+    loss: Tensor
+    spike: Tensor
+    z: Tensor
+    baseline: Tensor
+    factor_before: Tensor
+    factor: Tensor
 
 
 @dataclass
@@ -254,8 +164,9 @@ def reduce_loss(loss: Tensor) -> Tensor:
 class SpikeController(DeviceState):
     """Detects loss and gradient-norm spikes and sets the clip-threshold factor.
 
-    Per step: ``decision = controller.step(loss, norm, step)``, then clip with ``factor=decision.factor`` and
-    ``observe=~decision.spike`` (spikes stay out of the strategy's statistics). On a spike the factor becomes
+    Per step, in two phases: ``phase = controller.observe_loss(loss, step, device)`` once the step loss is known,
+    then ``decision = controller.decide(phase, norm)`` once the pre-clip norm is; clip with
+    ``factor=decision.factor`` and ``observe=~decision.spike`` (spikes stay out of the strategy's statistics). On a spike the factor becomes
     ``max(factor * spike_factor, min_factor)`` (repeated spikes tighten further, down to the floor); on calm
     steps it relaxes towards 1 as ``1 - (1 - factor) * 0.5 ** (1 / relax_half_life)``. ``spike_factor=1``
     never tightens (with ``action="skip"``: skip the spike step and change nothing else).
@@ -329,40 +240,67 @@ class SpikeController(DeviceState):
         self.events.reset(0)
         super().load_state_dict(state)
 
-    # ------------------------------------------------------------------ the step
-    def _reduce(self, loss: Tensor) -> Tensor:
-        return reduce_loss(loss) if self.reduce else loss
-
-    def _detect(self, detector: SpikeDetector | None, value: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    # ------------------------------------------------------------------ the step, in two phases
+    def _detect(self, detector: SpikeDetector | None, value: Tensor | None,
+                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         if detector is None or value is None:
             nan = torch.full((), math.nan, dtype=torch.float64)
-            return torch.zeros((), dtype=torch.bool), nan, nan
-        return detector.update(value)
+            return torch.zeros((), dtype=torch.bool, device=device), nan.to(device), nan.to(device)
+        return tuple(v.to(device) for v in detector.update(value))
+
+    def _tighten(self, factor: Tensor) -> Tensor:
+        return (factor * self.spike_factor).clamp(min=self.min_factor)
 
     @torch.no_grad()
-    def step(self, loss: Tensor | None, norm: Tensor, step: int) -> SpikeDecision:
-        """Decide for one optimizer step. ``loss`` is the step loss (mean over micro-batches) or ``None`` when
-        unavailable (only the norm detector runs); ``norm`` the pre-clip norm; ``step`` the number of optimizer
-        steps done before this one (events record ``step + 1``)."""
-        device = norm.device
-        t = self._device_state(device)
-        dtype = t["factor"].dtype
-        norm_x = norm.detach().to(dtype)
-        loss_x = None if loss is None else self._reduce(loss.detach().to(device=device, dtype=dtype))
-        loss_spike, loss_z, loss_base = (v.to(device) for v in self._detect(self.loss_detector, loss_x))
-        norm_spike, norm_z, norm_base = (v.to(device) for v in self._detect(self.norm_detector, norm_x))
-        spike = loss_spike | norm_spike
-        before = t["factor"]
-        relaxed = 1.0 - (1.0 - before) * self._relax
-        after = torch.where(spike, (before * self.spike_factor).clamp(min=self.min_factor), relaxed)
-        shown_loss = torch.full((), math.nan, dtype=dtype, device=device) if loss_x is None else loss_x
-        self.events.record([torch.full((), float(step + 1), dtype=dtype, device=device), shown_loss, loss_base,
-                            loss_z, norm_x, norm_base, norm_z, before, after, loss_spike, norm_spike], spike)
+    def observe_loss(self, loss: Tensor | None, step: int, device: torch.device | str) -> LossPhase:
+        """Phase 1, once the step loss is known: the loss detector decides, and the factor this step gets as far
+        as the loss tells (tightened on a loss spike, else relaxed towards 1) is in force from now on.
+
+        ``loss``: the step loss (mean over micro-batches; averaged over ranks here, one collective), or ``None``
+        (only the norm detector runs); ``step``: optimizer steps done before this one (events record
+        ``step + 1``); ``device``: where the statistics live (the gradients' device)."""
+        t = self._device_state(torch.device(device))
+        dtype, before = t["factor"].dtype, t["factor"]
+        device = before.device
+        loss_x = None if loss is None else loss.detach().to(device=device, dtype=dtype)
+        if loss_x is not None and self.reduce:
+            loss_x = reduce_loss(loss_x)
+        spike, z, baseline = self._detect(self.loss_detector, loss_x, device)
+        factor = torch.where(spike, self._tighten(before), 1.0 - (1.0 - before) * self._relax)
+        t["factor"] = factor.clone()
+        shown = torch.full((), math.nan, dtype=dtype, device=device) if loss_x is None else loss_x
+        return LossPhase(step, shown, spike, z, baseline, before, factor)
+
+    @torch.no_grad()
+    def decide(self, phase: LossPhase, norm: Tensor, *, factor_applied: bool = False) -> SpikeDecision:
+        """Phase 2, once the pre-clip ``norm`` is known: the norm detector decides, the spike event is recorded
+        and the factor settles. A norm spike (without a loss spike) tightens the factor in force when it is
+        found: the one before this step when the step is still to be clipped (:meth:`GradClipper.clip_`: this
+        step is clipped at it), the one the step was clipped at when an optimizer clipped already
+        (``factor_applied``, :class:`~gradclip_hf.core.external.ExternalClip`: it acts from the next step on).
+
+        The factor rule, once: on a spike ``max(factor * spike_factor, min_factor)``, on a calm step
+        ``1 - (1 - factor) * 0.5 ** (1 / relax_half_life)``."""
+        t = self._device_state(phase.factor.device)
+        dtype, device = t["factor"].dtype, phase.factor.device
+        norm_x = norm.detach().to(device=device, dtype=dtype)
+        norm_spike, norm_z, norm_base = self._detect(self.norm_detector, norm_x, device)
+        base = phase.factor if factor_applied else phase.factor_before
+        after = torch.where(norm_spike & ~phase.spike, self._tighten(base), phase.factor)
+        spike = phase.spike | norm_spike
+        self.events.record([torch.full((), float(phase.step + 1), dtype=dtype, device=device), phase.loss,
+                            phase.baseline, phase.z, norm_x, norm_base, norm_z, phase.factor_before, after,
+                            phase.spike, norm_spike], spike)
         t["factor"] = after.clone()
         act = spike if self.action is not SpikeAction.TIGHTEN else torch.zeros_like(spike)
-        return SpikeDecision(spike=spike, loss_spike=loss_spike, norm_spike=norm_spike, factor=after,
-                             loss=shown_loss, loss_z=loss_z, loss_baseline=loss_base, norm_z=norm_z,
+        return SpikeDecision(spike=spike, loss_spike=phase.spike, norm_spike=norm_spike, factor=after,
+                             loss=phase.loss, loss_z=phase.z, loss_baseline=phase.baseline, norm_z=norm_z,
                              norm_baseline=norm_base, act=act)
+
+    def current_factor(self, device: torch.device | str) -> Tensor:
+        """The factor in force (a device tensor), made on ``device`` if no step ran yet (after a resume: the
+        checkpoint's)."""
+        return self._device_state(torch.device(device))["factor"]
 
     @property
     def factor(self) -> Tensor | None:

@@ -42,8 +42,8 @@ DEMO_SCENARIOS = ("garbage_batches", "corrupt_shard", "label_noise_shard", "lr_m
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..config import Strategy, choices
-    from ..experiments.tasks import Settings
+    from ..options import Strategy, choices
+    from .tasks import Settings
 
     parser.add_argument("--scenario", choices=DEMO_SCENARIOS, default="corrupt_shard",
                         help="the fault (benchmarks/README.md describes each; default corrupt_shard)")
@@ -126,7 +126,7 @@ def run_demo(ns: argparse.Namespace, command: str = "gradclip-hf demo") -> dict[
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from ..experiments.scenarios import scenario as get_scenario
+    from .scenarios import scenario as get_scenario
     from . import report, runs
 
     if ns.device == "cpu":

@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any
 
-from ..experiments.metrics import RECOVER_TOL, SMOOTH, damage, excursion
+from .metrics import RECOVER_TOL, SMOOTH, damage, excursion
 
 __all__ = ["summary", "table_text", "verdict", "markdown", "write", "print_summary", "steps_text", "pack_expr",
            "HEADERS"]

@@ -1,4 +1,4 @@
-"""The demo's six runs through the shared harness (``gradclip_hf.experiments.training.train_one``), with
+"""The demo's six runs through ``gradclip_hf.demo.training.train_one`` (the harness's too), with
 TensorBoard and offline W&B logging and one progress bar per run."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from ..experiments.machine import load_now, machine_info
+from .machine import load_now, machine_info
 
 __all__ = ["METHODS", "settings_for", "setup_logging", "train_all", "machine_line", "load_now", "asdict"]
 
@@ -21,7 +21,7 @@ METHODS = [("none", "no clipping"), ("stock", "stock max_grad_norm=1.0"), ("grad
 
 
 def settings_for(ns: argparse.Namespace):
-    from ..experiments.tasks import Settings
+    from .tasks import Settings
     from . import MODEL_SIZES
 
     return Settings(steps=ns.steps, lr=ns.lr, **MODEL_SIZES[ns.model_size])
@@ -80,7 +80,7 @@ def _progress(label: str):
 
 
 def _method(key: str, label: str, config):
-    from ..experiments.methods import Method, method
+    from .methods import Method, method
 
     if key != "gradclip":
         return method(key)
@@ -104,7 +104,7 @@ def _one(ns: argparse.Namespace, settings, scenario, m, key: str, label: str, fa
          out: str) -> dict[str, Any]:
     from transformers import TrainingArguments
 
-    from ..experiments.training import train_one
+    from .training import train_one
 
     kind = "with_fault" if faulted else "clean"
     tb_dir = os.path.join(out, "tensorboard", key, kind)

@@ -16,22 +16,24 @@ With the pack (after ``accelerator.prepare``)::
     clipper.clip_(loss)          # every micro-step; clips only when accelerator.sync_gradients
     optimizer.step()             # unchanged: a skipped update is skipped inside this call
 
-Per optimizer step (``accelerator.sync_gradients`` True) it unscales fp16 gradients through accelerate
-exactly once (``accelerator.unscale_gradients``, only while the ``GradScaler`` stage is still READY), clips
-once with the configured strategy, feeds the step loss (mean of the micro-batch losses; the spike controller
-averages it over processes with one all-reduce) to the spike controller, and arms the optimizer's
-:class:`~gradclip_hf.integrations.optim.StepGate` (installed once, on the inner torch optimizer) with the
-step's skip decision, so the loop keeps calling ``optimizer.step()`` as before. The decision is the same on
+Per optimizer step (``accelerator.sync_gradients`` True) it unscales fp16 gradients exactly once (through the
+prepared optimizer's ``GradScaler``, only while its stage is still READY), clips once with the configured
+strategy, feeds the step loss (mean of the micro-batch losses; the spike controller averages it over processes
+with one all-reduce) to the spike controller, and arms the optimizer's :class:`~gradclip_hf.run.StepGate`
+(installed once, on the inner torch optimizer) with the step's skip decision, so the loop keeps calling
+``optimizer.step()`` as before. The decision is the same on
 every process: the gradients are already reduced and the loss is averaged. Host reads: none per step on
 fused torch optimizers; one per step where a skip is possible on other optimizers, and for
 ``spike_action`` ``rollback``/``stop``. :meth:`metrics` reads the logging window in one transfer.
 
-It runs the same per-run machinery as the Trainer integration (:class:`~.transformers.run.ClipRun`), so the
-metrics, spike messages and actions are those of ``GradClipTrainer``; ``transformers`` must be installed.
+It runs the same per-run machinery as the Trainer integration (:class:`~gradclip_hf.run.ClipRun`, on the local
+step backend), so the metrics, spike messages and actions are those of ``GradClipTrainer``. It needs accelerate
+and torch only: ``transformers`` need not be installed.
 """
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
@@ -39,6 +41,7 @@ import torch
 
 from ..config import ClipConfig
 from ..core import ClipReport, GradClipper, OptionError
+from ..run import ClipRun, LocalStep
 
 __all__ = ["AcceleratorClipper"]
 
@@ -93,14 +96,15 @@ class AcceleratorClipper:
             raise ValueError("AcceleratorClipper needs the prepared model and optimizer: "
                              "AcceleratorClipper(accelerator, config, model, optimizer).")
         _check_accelerator(accelerator)
-        from .transformers.run import ClipRun
-
         config, clipper = _as_clipper(config)
         self.accelerator, self.optimizer = accelerator, optimizer
         self.model = accelerator.unwrap_model(model)  # parameter names without DDP's "module." prefix
         self.state = _LoopState(total_steps)
+        hand_off = (config or ClipConfig()).defers_to_optimizer
+        unscale = lambda: accelerator.unscale_gradients(optimizer)  # noqa: E731  (fp16: through accelerate)
         self.run = ClipRun(config, clipper, args=SimpleNamespace(max_grad_norm=max_grad_norm), state=self.state,
-                           optimizer=optimizer, owner=type(self).__name__)
+                           owner=type(self).__name__,
+                           backend=lambda c: LocalStep(c, optimizer, hand_off=hand_off, unscale=unscale))
         spikes = self.run.clipper.spikes
         self.needs_loss = spikes is not None and spikes.loss_detector is not None
         self._loss_sum: Any = None
@@ -142,9 +146,8 @@ class AcceleratorClipper:
         if step_loss is None and self.needs_loss:
             raise ValueError("AcceleratorClipper.clip_(loss): spike_detection watches the loss, so pass the "
                              "micro-batch loss at every call (clipper.clip_(loss)).")
-        self._unscale()
         self.run.loss.add(step_loss)
-        report = self.run.step(self.model, self.state, self.optimizer)
+        report = self.run.clip_step(self.model, self.state)
         self.state.global_step += 1
         self._awaiting_step = self._step_hook is not None
         return report
@@ -168,17 +171,6 @@ class AcceleratorClipper:
         self._loss_sum, self._loss_count = None, 0
         return loss
 
-    def _unscale(self) -> None:
-        """fp16: unscale through accelerate once per step (a second ``unscale_`` in a step raises)."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return
-        from torch.amp.grad_scaler import OptState
-
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        if scaler._per_optimizer_states[id(inner)]["stage"] is OptState.READY:
-            self.accelerator.unscale_gradients(self.optimizer)
-
     # ------------------------------------------------------------------ logging and the end
     def metrics(self) -> dict[str, float]:
         """The metrics since the last call (``grad_norm``, ``gradclip/*``) as floats, in one transfer; ``{}``
@@ -187,9 +179,16 @@ class AcceleratorClipper:
         return self.run.metrics(self.state)
 
     @property
-    def step(self) -> int:
-        """Optimizer steps clipped so far."""
+    def global_step(self) -> int:
+        """Optimizer steps clipped so far (as ``TrainerState.global_step`` and the spike file number them)."""
         return self.state.global_step
+
+    @property
+    def step(self) -> int:
+        """Deprecated name of :attr:`global_step`."""
+        warnings.warn("AcceleratorClipper.step is deprecated: use AcceleratorClipper.global_step (the optimizer steps "
+                      "clipped so far).", DeprecationWarning, stacklevel=2)
+        return self.global_step
 
     @property
     def stop_reason(self) -> str | None:

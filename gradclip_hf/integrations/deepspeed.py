@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO (stages 1, 2, 3): the pack's threshold set on the engine before each of its steps.
+"""DeepSpeed ZeRO (stages 1, 2, 3): the pack's step backend on the engine (:class:`EngineStep`), which sets the
+pack's threshold on the engine before each of its steps.
 
 The ZeRO optimizers measure the global gradient norm and clip inside ``step()``, reading their
 ``clip_grad`` attribute every step (``unscale_and_clip_grads``: ``coef = 1 / max(1, (norm + 1e-6) /
@@ -12,7 +13,7 @@ clip_grad)``; 0 = no clip). Through accelerate, the engine's backward and step b
 3. after (``on_pre_optimizer_step``): ``engine.get_global_grad_norm()`` (the pre-clip norm) goes back to
    the statistics and the metrics; ``norm_post = norm * coef``, exactly what the engine applied.
 
-What cannot be done faithfully is refused at train start (:meth:`EngineClip.check`), with the fix.
+What cannot be done faithfully is refused at train start (:func:`check_deepspeed`), with the fix.
 The engine's ``clip_grad`` is put back when the run closes (any exit of ``train()``).
 """
 
@@ -24,10 +25,11 @@ from typing import Any
 import torch
 
 from ..config import ClipConfig
-from ..core import ClipReport, GradClipper
+from ..core import ClipReport, GradClipper, NonFinitePolicy
 from ..core.external import ExternalClip
+from ..run.backends import StepBackend
 
-__all__ = ["EngineClip", "check_deepspeed"]
+__all__ = ["EngineStep", "check_deepspeed"]
 
 _INSTEAD = "or train without DeepSpeed (DDP or FSDP2), where the pack skips inside the optimizer step"
 
@@ -84,46 +86,61 @@ def _check_config(c: ClipConfig, refuse: Any) -> None:
                "overflow check) or 'ignore'.")
 
 
-class EngineClip:
-    """One run's link to a DeepSpeed engine: the threshold before each step, the report after it.
+class EngineStep(StepBackend):
+    """A run's step backend on a DeepSpeed engine: the threshold before each of its steps, the report after it.
+
+    The engine steps inside the backward of a step's last micro-batch, before any hook after it: the threshold
+    is set there (:meth:`before_backward`), and the update cannot be held back after it (``holds`` is False:
+    a spike can tighten, or stop the run). Per-tensor norms are not measured.
 
     Args:
         clipper: the run's clipper (checked by :func:`check_deepspeed` before).
         engine: the ``DeepSpeedEngine`` (``engine.optimizer`` is the ZeRO optimizer).
     """
 
+    name = "deepspeed"
+    loss_before_backward = True
+
     def __init__(self, clipper: GradClipper, engine: Any):
-        self.engine, self.optimizer = engine, engine.optimizer
+        self.engine, self.zero = engine, engine.optimizer
         self.external = ExternalClip(clipper, device=engine.device)
-        self.original = self.optimizer.clip_grad  # put back when the run closes
-        self.loss: torch.Tensor | None = None  # the step loss given to prepare()
+        self.original = self.zero.clip_grad  # put back when the run closes
         self.prepared_step: int | None = None
+        self.scaler = bool(engine.fp16_enabled())  # fp16: the loss scaler skips overflow steps itself
+        self.guard = clipper.nonfinite is NonFinitePolicy.SKIP and not self.scaler
 
     def _set(self, threshold: float) -> None:
-        self.optimizer.clip_grad = threshold if math.isfinite(threshold) and threshold > 0 else 0.0
+        self.zero.clip_grad = threshold if math.isfinite(threshold) and threshold > 0 else 0.0
 
-    def prepare(self, step: int, loss: torch.Tensor | None) -> None:
-        """Before the engine's step ``step``: its threshold from the loss and the statistics so far."""
-        self.loss, self.prepared_step = loss, step
-        threshold = self.external.before(step, loss)
-        value = self.external.host_threshold(step)
-        self._set(float(threshold) if value is None else value)  # a host read only for device statistics
-
-    def sync(self, step: int) -> float:
-        """Set ``clip_grad`` from the pack's state (train begin, after a resume); return it."""
+    def start(self, step: int) -> None:
+        """Set ``clip_grad`` from the pack's state (train begin; after a resume the engine's is the checkpoint's)."""
         value = self.external.host_threshold(step)
         self._set(float(self.external.peek(step)) if value is None else value)
-        return self.optimizer.clip_grad
 
-    def report(self) -> ClipReport | None:
+    def before_backward(self, loss: torch.Tensor, *, last: bool, step: int,
+                        step_loss: torch.Tensor | None) -> torch.Tensor:
+        """At the step's last micro-batch the engine steps inside this backward: its threshold is set now, from
+        the step loss and the statistics so far (a host read only for device statistics)."""
+        if last:
+            self.prepared_step = step
+            threshold = self.external.before(step, step_loss)
+            value = self.external.host_threshold(step)
+            self._set(float(threshold) if value is None else value)
+        return loss
+
+    def measure(self, model: Any, step: int, loss: torch.Tensor | None) -> ClipReport | None:
         """After the engine's step: the report from its pre-clip norm (``None`` if no step was prepared)."""
         if self.prepared_step is None:
             return None
         self.prepared_step = None
         norm = self.engine.get_global_grad_norm()
-        if norm is None or getattr(self.optimizer, "overflow", False):  # skipped by the overflow check
+        if norm is None or getattr(self.zero, "overflow", False):  # skipped by the overflow check
             norm = math.inf
         return self.external.after(norm)
 
-    def restore(self) -> None:
-        self.optimizer.clip_grad = self.original
+    def nonfinite_skip(self, report: ClipReport) -> torch.Tensor:
+        """The engine's overflow check skipped the step (counted as skipped under ``nonfinite="skip"``)."""
+        return report.skip
+
+    def close(self) -> None:
+        self.zero.clip_grad = self.original

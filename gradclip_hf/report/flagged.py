@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Optional
 
 from ..spikeruns import Flagged, describe_run, group_runs
-from .load import Event, Run, Window
+from ..spikefile import SpikeRecord
+from .load import Run, Window
 from .stats import Flags
 
 __all__ = ["dedupe", "step_flags", "apart", "window_flags", "event_runs", "left_out"]
@@ -26,7 +27,7 @@ TOP_LAYERS = 3
 SAME = 1e-3  # relative: a logged float32 norm_max and a recorded norm of the same step
 
 
-def dedupe(events: list[Event]) -> tuple[list[Event], int]:
+def dedupe(events: list[SpikeRecord]) -> tuple[list[SpikeRecord], int]:
     """One event per (event, step), the last in file order (a rerun from a checkpoint appends the steps it
     ran again after the first run's lines), sorted by step; and how many lines were replaced."""
     kept: dict = {}
@@ -36,14 +37,14 @@ def dedupe(events: list[Event]) -> tuple[list[Event], int]:
     return out, len(events) - len(out)
 
 
-def _is_flagged(e: Event) -> bool:
+def _is_flagged(e: SpikeRecord) -> bool:
     return e.step is not None and (bool(e.skipped) or e.event in ("skip_listed", "nonfinite") or e.kind == "nonfinite")
 
 
-def step_flags(events: list[Event]) -> dict[int, Flagged]:
+def step_flags(events: list[SpikeRecord]) -> dict[int, Flagged]:
     """The flagged steps of the spike file, one :class:`~gradclip_hf.spikeruns.Flagged` per step (a spike and a
     listed skip at the same step are one spike, ``listed``)."""
-    by_step: dict[int, list[Event]] = defaultdict(list)
+    by_step: dict[int, list[SpikeRecord]] = defaultdict(list)
     for e in events:
         if e.step is not None and (e.event in ("spike", "nonfinite", "skip_listed") or _is_flagged(e)):
             by_step[e.step].append(e)
@@ -55,10 +56,10 @@ def step_flags(events: list[Event]) -> dict[int, Flagged]:
         if main is None:
             out[step] = Flagged(step=step, event="listed", action="skip", skipped=True, listed=True)
             continue
-        event = "nonfinite" if main.event == "nonfinite" or main.kind == "nonfinite" else "spike"
-        values = {k: getattr(main, k) for k in ("kind", "action", "loss", "loss_baseline", "loss_z", "norm",
-                                                 "norm_baseline", "norm_z", "threshold_before", "threshold_after")}
-        out[step] = Flagged(step=step, event=event, skipped=True if listed else main.skipped, listed=listed, **values)
+        record = {f.name: getattr(main, f.name) for f in fields(main)}
+        record.update(event="nonfinite" if main.event == "nonfinite" or main.kind == "nonfinite" else "spike",
+                      skipped=True if listed else main.skipped, listed=listed)
+        out[step] = Flagged(**record)
     return out
 
 
@@ -101,7 +102,7 @@ def window_flags(run: Run, flagged: dict[int, Flagged]) -> dict[int, Flags]:
     return out
 
 
-def _top_layers(events: list[Event]) -> list[dict]:
+def _top_layers(events: list[SpikeRecord]) -> list[dict]:
     """The layers that carried a run: each layer's norm range over the run's steps, the largest first."""
     seen: dict[str, list[float]] = defaultdict(list)
     for e in events:
@@ -112,11 +113,11 @@ def _top_layers(events: list[Event]) -> list[dict]:
     return [{"name": n, "min": min(v), "max": max(v), "steps": len(v)} for n, v in ranked]
 
 
-def event_runs(events: list[Event], flagged: dict[int, Flagged], last_step: int) -> list[dict]:
+def event_runs(events: list[SpikeRecord], flagged: dict[int, Flagged], last_step: int) -> list[dict]:
     """The runs of consecutive flagged steps, each as ``{"first", "last", "count", "text", "after_state",
     "top_layers", "batch"}``: ``text`` is :func:`~gradclip_hf.spikeruns.describe_run`'s line, ``batch`` the
     first step's batch (indices, fingerprint, text) that the spike file recorded."""
-    by_step: dict[int, list[Event]] = defaultdict(list)
+    by_step: dict[int, list[SpikeRecord]] = defaultdict(list)
     for e in events:
         if e.step is not None:
             by_step[e.step].append(e)

@@ -12,39 +12,18 @@ Where the files are:
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-from ..spikefile import read_lines
+from ..spikefile import FILE_NAME as SPIKE_FILE
+from ..spikefile import SpikeRecord, as_float, as_int, read_records
 
-__all__ = ["Window", "Event", "Run", "load_run", "find_state", "read_spike_file", "STATE_FILE", "SPIKE_FILE"]
+__all__ = ["Window", "Run", "load_run", "find_state", "STATE_FILE", "SPIKE_FILE"]
 
 STATE_FILE = "trainer_state.json"
-SPIKE_FILE = "gradclip_spikes.jsonl"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _num(value: Any) -> Optional[float]:
-    """A logged number as a float (NaN/Inf kept), anything else (None, bool, text, an int too large for a
-    float) as ``None``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return None
-
-
-def _int(value: Any) -> Optional[int]:
-    number = _num(value)
-    return int(number) if number is not None and math.isfinite(number) else None
-
-
-def _str(value: Any) -> Optional[str]:
-    return value if isinstance(value, str) else None
 
 
 @dataclass
@@ -79,58 +58,6 @@ _COUNT_KEYS = {"nonfinite": "gradclip/nonfinite_steps", "skipped": "gradclip/ski
                "spikes": "gradclip/spikes"}
 
 
-def _indices(value: Any, depth: int = 4) -> Optional[list]:
-    """A spike line's dataset indices (per process, per micro-batch: lists of ints or None, at most ``depth``
-    lists deep), else ``None``."""
-    def fits(node: Any, left: int) -> bool:
-        if node is None or (isinstance(node, int) and not isinstance(node, bool)):
-            return True
-        return isinstance(node, list) and left > 0 and all(fits(item, left - 1) for item in node)
-
-    return value if isinstance(value, list) and fits(value, depth) else None
-
-
-def _layers(value: Any) -> list[list]:
-    """``[[name, norm], ...]`` pairs of a spike line, malformed pairs dropped."""
-    pairs = value if isinstance(value, list) else []
-    return [[p[0], float(p[1])] for p in pairs
-            if isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and _num(p[1]) is not None]
-
-
-@dataclass
-class Event:
-    """One line of ``gradclip_spikes.jsonl``; every field may be missing (``None``)."""
-
-    event: Optional[str] = None
-    step: Optional[int] = None
-    kind: Optional[str] = None
-    action: Optional[str] = None
-    skipped: Optional[bool] = None
-    loss: Optional[float] = None
-    loss_baseline: Optional[float] = None
-    loss_z: Optional[float] = None
-    norm: Optional[float] = None
-    norm_baseline: Optional[float] = None
-    norm_z: Optional[float] = None
-    threshold_before: Optional[float] = None
-    threshold_after: Optional[float] = None
-    top_layers: list = field(default_factory=list)
-    indices: Any = None
-    fingerprint: Optional[str] = None
-    text: Optional[str] = None
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "Event":
-        batch = obj.get("batch") if isinstance(obj.get("batch"), dict) else {}
-        floats = {k: _num(obj.get(k)) for k in ("loss", "loss_baseline", "loss_z", "norm", "norm_baseline", "norm_z",
-                                                "threshold_before", "threshold_after")}
-        skipped = obj.get("skipped") if isinstance(obj.get("skipped"), bool) else None
-        return cls(event=_str(obj.get("event")), step=_int(obj.get("step")), kind=_str(obj.get("kind")),
-                   action=_str(obj.get("action")), skipped=skipped, top_layers=_layers(obj.get("top_layers")),
-                   indices=_indices(batch.get("indices")),
-                   fingerprint=_str(batch.get("fingerprint")), text=_str(batch.get("text")), **floats)
-
-
 @dataclass
 class Run:
     """What a run logged, as the report reads it."""
@@ -139,7 +66,7 @@ class Run:
     state_path: str                # the trainer_state.json read
     spike_path: Optional[str]      # the spike file read (None: there is none)
     windows: list[Window]
-    events: list[Event]
+    events: list[SpikeRecord]
     evals: list[tuple[int, float]]
     stop_reasons: list[tuple[int, str]]
     global_step: Optional[int] = None
@@ -209,15 +136,15 @@ def _read_state(path: str) -> dict:
 def _windows(history: list, logging_steps: Optional[int]) -> list[Window]:
     entries = {}
     for entry in history:
-        if isinstance(entry, dict) and "grad_norm" in entry and _int(entry.get("step")) is not None:
-            entries[_int(entry["step"])] = entry  # a step logged twice (resumed run): the last one counts
+        if isinstance(entry, dict) and "grad_norm" in entry and as_int(entry.get("step")) is not None:
+            entries[as_int(entry["step"])] = entry  # a step logged twice (resumed run): the last one counts
     windows, previous = [], None
     for step in sorted(entries):
         entry = entries[step]
         first = previous + 1 if previous is not None else max(1, step - (logging_steps or 1) + 1)
-        values = {attr: _num(entry.get(key)) for attr, key in _WINDOW_KEYS.items()}
-        counts = {attr: _int(entry.get(key)) for attr, key in _COUNT_KEYS.items()}
-        windows.append(Window(step=step, first=first, grad_norm=_num(entry["grad_norm"]), **values, **counts))
+        values = {attr: as_float(entry.get(key)) for attr, key in _WINDOW_KEYS.items()}
+        counts = {attr: as_int(entry.get(key)) for attr, key in _COUNT_KEYS.items()}
+        windows.append(Window(step=step, first=first, grad_norm=as_float(entry["grad_norm"]), **values, **counts))
         previous = step
     return windows
 
@@ -236,17 +163,6 @@ def _strategy(state: dict) -> Optional[str]:
     return None
 
 
-def read_spike_file(path: str) -> tuple[list[Event], list[str]]:
-    """The events of a ``gradclip_spikes.jsonl`` and one warning per line skipped (the one reader of the file,
-    :func:`gradclip_hf.spikefile.read_lines`: a torn last line, a line too long, nested too deeply or not a JSON
-    object is skipped there with a warning)."""
-    try:
-        lines = read_lines(path)
-    except ValueError as e:
-        return [], [str(e)]
-    return [Event.from_json(obj) for _, obj in lines.records], lines.warnings()
-
-
 def _load_state(path: str) -> tuple[str, dict, list[str]]:
     """The newest readable candidate state file; an unreadable newer checkpoint is named in a warning."""
     errors: list[str] = []
@@ -263,7 +179,7 @@ def _load_state(path: str) -> tuple[str, dict, list[str]]:
 
 def _no_log_cause(state: dict, logging_steps: Optional[int]) -> str:
     """Why a run logged no training step, for the error: most often logging_steps larger than the steps run."""
-    steps = _int(state.get("global_step"))
+    steps = as_int(state.get("global_step"))
     if logging_steps and steps is not None and logging_steps > steps:
         return (f"logging_steps is {logging_steps} but this state stops at step {steps}: the Trainer logs every "
                 f"logging_steps steps (default 500), so it never logged; set logging_steps (e.g. 10) and run again")
@@ -277,23 +193,23 @@ def load_run(path: str) -> Run:
     state_path, state, warnings = _load_state(path)
     folder = os.path.dirname(state_path) if os.path.isfile(path) else path
     history = state["log_history"]
-    logging_steps = _int(state.get("logging_steps"))
+    logging_steps = as_int(state.get("logging_steps"))
     windows = _windows(history, logging_steps)
     if not windows:
         raise ValueError(f"{state_path!r} has {len(history)} log entries but none with a 'grad_norm': the run logged "
                          f"no gradient norms to report on ({_no_log_cause(state, logging_steps)}).")
-    evals = [(_int(h.get("step")) or 0, float(h["eval_loss"])) for h in history
-             if isinstance(h, dict) and _num(h.get("eval_loss")) is not None]
-    stops = [(_int(h.get("step")) or 0, h["gradclip/stop_reason"]) for h in history
+    evals = [(as_int(h.get("step")) or 0, float(h["eval_loss"])) for h in history
+             if isinstance(h, dict) and as_float(h.get("eval_loss")) is not None]
+    stops = [(as_int(h.get("step")) or 0, h["gradclip/stop_reason"]) for h in history
              if isinstance(h, dict) and isinstance(h.get("gradclip/stop_reason"), str)]
     spike_path = os.path.join(_output_dir(folder), SPIKE_FILE)
-    events: list[Event] = []
+    events: list[SpikeRecord] = []
     if os.path.isfile(spike_path):
-        events, bad = read_spike_file(spike_path)
+        events, bad = read_records(spike_path)
         warnings.extend(bad)
     else:
         spike_path = None
     return Run(path=folder, state_path=state_path, spike_path=spike_path, windows=windows, events=events,
-               evals=evals, stop_reasons=stops, global_step=_int(state.get("global_step")),
-               max_steps=_int(state.get("max_steps")), logging_steps=logging_steps, strategy=_strategy(state),
+               evals=evals, stop_reasons=stops, global_step=as_int(state.get("global_step")),
+               max_steps=as_int(state.get("max_steps")), logging_steps=logging_steps, strategy=_strategy(state),
                warnings=warnings)

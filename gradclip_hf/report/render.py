@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any, Optional
 
+from ..spikeruns import step_ranges
 from .advice import g, pct
 
 __all__ = ["render_text", "to_json", "terminal_safe"]
@@ -168,17 +169,6 @@ def _spikes(r: dict) -> list[str]:
     return lines
 
 
-def _spans(steps: list[int]) -> str:
-    """``"61-80, 95"``: consecutive steps as ranges."""
-    spans: list[list[int]] = []
-    for step in steps:
-        if spans and step == spans[-1][1] + 1:
-            spans[-1][1] = step
-        else:
-            spans.append([step, step])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-
-
 def _outlier_status(o: dict, kind: str) -> str:
     if kind == "loss":
         return ""
@@ -210,8 +200,8 @@ def _outliers(found: list[dict], kind: str) -> str:
 def _counts(r: dict) -> list[str]:
     sk, nf = r["skipped"], r["nonfinite"]
     skipped = f"{sk['logged']} logged" if sk["logged"] is not None else "-"
-    skipped += f"; steps {_spans(sk['steps'])}" if sk["steps"] else ""
-    where = f" (steps {_spans(nf['steps'])})" if nf["steps"] else ""
+    skipped += f"; steps {step_ranges(sk['steps'])}" if sk["steps"] else ""
+    where = f" (steps {step_ranges(nf['steps'])})" if nf["steps"] else ""
     lines = [f"skipped updates: {skipped}", f"non-finite norms: {nf['count']}{where}"]
     for kind in ("norm", "loss"):
         lines.append(f"{kind} outliers (> 6 sigma above the 50 logged values before): "

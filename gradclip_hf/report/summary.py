@@ -7,7 +7,8 @@ from dataclasses import asdict
 from typing import Optional
 
 from .flagged import dedupe, event_runs, left_out, step_flags, window_flags
-from .load import Event, Run, Window
+from ..spikefile import SpikeRecord
+from .load import Run, Window
 from .stats import Flags, clip_rate, finite, norm_summary, outliers, percentile, phases
 from .training_args import stock_threshold
 
@@ -41,7 +42,7 @@ def _threshold(run: Run, steady: list[Window], override: Optional[float]) -> dic
     return {"value": value if clipping else None, "min": value, "max": value, "source": source, "clipping": clipping}
 
 
-def _events(run: Run, events: list[Event], flagged: dict) -> dict:
+def _events(run: Run, events: list[SpikeRecord], flagged: dict) -> dict:
     """Spike-file events by step; ``after_state``: after this state's last step (a checkpoint's report lists
     the later events of the run too: the candidates to skip when resuming from it); ``runs``: consecutive
     flagged steps, one line each."""
@@ -58,7 +59,7 @@ def _steps(values) -> list[int]:
     return sorted({s for s in values if s is not None})
 
 
-def _skipped_and_nonfinite(run: Run, events: list[Event]) -> tuple[dict, dict]:
+def _skipped_and_nonfinite(run: Run, events: list[SpikeRecord]) -> tuple[dict, dict]:
     skipped_logged = [w.skipped for w in run.windows if w.skipped is not None]
     skipped = {"logged": sum(skipped_logged) if skipped_logged else None,
                "steps": _steps(e.step for e in events if e.skipped or e.event == "skip_listed")}

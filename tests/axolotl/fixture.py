@@ -18,7 +18,7 @@ import yaml
 
 from byte_tokenizer import save_tokenizer
 
-from gradclip_hf.experiments.bytelm import stdlib_text, tiny_llama
+from gradclip_hf.standins import stdlib_text, tiny_llama
 
 PLUGIN = "gradclip_hf.integrations.axolotl.GradClipPlugin"
 LINE_BYTES = 60

@@ -8,7 +8,7 @@ import torch
 
 from gradclip_hf import ClipConfig, GradClipper, NonFiniteGradientError, NormClip, ValueClip, ZScoreClip
 from gradclip_hf.core import SpikeController, StateError, TrainingSnapshot
-from gradclip_hf.integrations.optim import StepGate
+from gradclip_hf.run import StepGate
 
 
 # ---------------------------------------------------------------- 1. the guard covers every gradient

@@ -2,7 +2,6 @@
 
 import json
 import math
-from unittest import mock
 
 import pytest
 from host_sync import no_host_sync
@@ -58,7 +57,7 @@ def test_non_finite_is_neither_a_spike_nor_observed_nor_tightens(value):
     assert detector.state_dict() == before
     controller = SpikeController(warmup_steps=3, detect_norm=False)
     run_controller(controller, [2.0, 2.1, 1.9, 2.0, 2.05])
-    decision = controller.step(torch.tensor(value), torch.tensor(1.0), step=5)
+    decision = decide(controller, torch.tensor(value), torch.tensor(1.0), step=5)
     assert not bool(decision.spike) and float(decision.factor) == 1.0
 
 
@@ -79,10 +78,15 @@ def test_ratio_criterion():
     assert bool(detector.update(torch.tensor(3.3))[0])  # the baseline moved to ~2.09 with the 2.9
 
 
+def decide(controller, loss, norm, step, **kwargs):
+    """Both phases of one step: the loss, then the norm."""
+    return controller.decide(controller.observe_loss(loss, step, norm.device), norm, **kwargs)
+
+
 def run_controller(controller, values, norm=1.0):
     out = []
     for step, x in enumerate(values):
-        d = controller.step(torch.tensor(float(x)), torch.tensor(norm), step)
+        d = decide(controller, torch.tensor(float(x)), torch.tensor(norm), step)
         out.append((bool(d.spike), float(d.factor)))
     return out
 
@@ -112,10 +116,32 @@ def test_repeated_spikes_tighten_down_to_the_floor():
 def test_norm_spike_without_loss_spike():
     controller = SpikeController(warmup_steps=5)
     for step in range(10):
-        d = controller.step(torch.tensor(2.0), torch.tensor(1.0 + 0.01 * step), step)
+        d = decide(controller, torch.tensor(2.0), torch.tensor(1.0 + 0.01 * step), step)
         assert not bool(d.spike)
-    d = controller.step(torch.tensor(2.0), torch.tensor(40.0), 10)
+    d = decide(controller, torch.tensor(2.0), torch.tensor(40.0), 10)
     assert bool(d.spike) and bool(d.norm_spike) and not bool(d.loss_spike)
+
+
+def test_one_factor_rule_in_two_phases_a_norm_spike_tightens_the_factor_in_force_when_found():
+    """Issue 24.2: the loss phase sets the factor in force (tightened on a loss spike, else relaxed); a norm
+    spike found before the step is clipped tightens the factor of the step before (GradClipper), one found after
+    the optimizer clipped tightens the factor it clipped at (ExternalClip), from the next step on."""
+    def primed():
+        controller = SpikeController(warmup_steps=5, spike_factor=0.5, relax_half_life=10)
+        for step in range(8):
+            decide(controller, torch.tensor(2.0 + 0.01 * (step % 2)), torch.tensor(1.0 + 0.01 * (step % 3)), step)
+        decide(controller, torch.tensor(2.0), torch.tensor(40.0), 8)  # a norm spike: the factor is 0.5 now
+        return controller
+    relaxed = 1 - 0.5 * 0.5 ** (1 / 10)
+    for applied, expected in ((False, 0.25), (True, relaxed * 0.5)):
+        controller = primed()
+        assert float(controller.factor) == 0.5
+        phase = controller.observe_loss(torch.tensor(2.0), 9, "cpu")
+        assert float(phase.factor) == pytest.approx(relaxed) and float(controller.factor) == pytest.approx(relaxed)
+        d = controller.decide(phase, torch.tensor(60.0), factor_applied=applied)
+        assert bool(d.norm_spike) and float(d.factor) == pytest.approx(expected)
+        events, _ = controller.read_events(1)
+        assert [(e.step, e.factor_before, e.factor_after) for e in events] == [(10, 0.5, pytest.approx(expected))]
 
 
 def test_clipper_threshold_follows_the_factor_and_spikes_stay_out_of_strategy_statistics():

@@ -104,3 +104,36 @@ def test_report_per_tensor_norms_order_with_mixed_dtypes():
     report = GradClipper(NormClip(1e6)).clip_(named, step=0)
     assert report.names == [f"p{i}" for i in range(5)]
     assert report.per_tensor_norms.float().tolist() == pytest.approx(expected, rel=1e-2)
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_SETS.values(), ids=DTYPE_SETS.keys())
+def test_plan_then_apply_is_clip_and_a_hand_off_leaves_the_multiplier_to_the_optimizer(dtypes):
+    """Issue 24.2: plan() writes nothing, apply_() writes what clip_() writes (bit-equal to torch), once; with
+    hand_off=True the gradients stay as they are and the multiplier comes back for a fused optimizer."""
+    ours, ref = twin_params(dtypes)
+    untouched = [p.grad.clone() for p in ours]
+    expected = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+    clipper = GradClipper(NormClip(0.5))
+    report = clipper.plan(ours, step=0)
+    assert all(torch.equal(p.grad, g) for p, g in zip(ours, untouched))
+    assert clipper.apply_(report) is None and report.optimizer_coef is None
+    clipper.apply_(report)  # a second call writes nothing more
+    assert all(torch.equal(x.grad, y.grad) for x, y in zip(ours, ref)) and torch.equal(report.norm, expected)
+
+    handed, _ = twin_params(dtypes)
+    clipper = GradClipper(NormClip(0.5))
+    report = clipper.plan(handed, step=0)
+    coef = clipper.apply_(report, hand_off=True)
+    assert torch.equal(coef, report.coef.to(torch.float32)) and report.optimizer_coef is coef and 0 < coef < 1
+    assert all(torch.equal(p.grad, g) for p, g in zip(handed, untouched))
+    several = GradClipper(NormClip(0.5), exclude=["param_0"])  # a gradient it does not measure: written in place
+    report = several.plan(twin_params(dtypes)[0], step=0)
+    assert several.apply_(report, hand_off=True) is None
+
+
+def test_hand_off_on_a_nonfinite_step_is_one_and_the_zero_policy_still_zeroes():
+    params = make_params([F32] * 3)
+    params[1].grad[0] = math.nan
+    clipper = GradClipper(NormClip(0.5), nonfinite="zero")
+    coef = clipper.apply_(clipper.plan(params, step=0), hand_off=True)
+    assert float(coef) == 1.0 and all(torch.equal(p.grad, torch.zeros_like(p.grad)) for p in params)

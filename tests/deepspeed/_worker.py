@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from gradclip_hf.experiments.bytelm import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
+from gradclip_hf.standins import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
 from gradclip_hf.integrations.transformers import (GradClipCallback, GradClipTrainer,  # noqa: E402
                                                    GradClipTrainingArguments)
 

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from gradclip_hf.config import ClipConfig
-from gradclip_hf.experiments.bytelm import ByteLMDataset, rare_byte_block, stdlib_text, tiny_llama
+from gradclip_hf.standins import ByteLMDataset, rare_byte_block, stdlib_text, tiny_llama
 from gradclip_hf.integrations.accelerate import AcceleratorClipper
 
 STEPS, ACCUM, BATCH, SPIKE, MAX_GRAD_NORM, LOG_EVERY = 24, 2, 2, 20, 2.0, 4

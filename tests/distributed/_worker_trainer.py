@@ -35,7 +35,7 @@ torch.set_num_threads(1)
 
 from transformers import TrainerCallback  # noqa: E402
 
-from gradclip_hf.experiments.bytelm import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama  # noqa: E402
+from gradclip_hf.standins import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama  # noqa: E402
 from gradclip_hf.integrations.transformers import GradClipTrainer, GradClipTrainingArguments  # noqa: E402
 
 OUT, MODE = sys.argv[1], sys.argv[2]

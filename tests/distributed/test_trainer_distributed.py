@@ -111,7 +111,7 @@ def test_skip_action_skips_the_update_on_all_ranks(spikes):
 
 def test_iterable_dataset_is_dispatched_in_rank_order(spikes):
     """Rank r at step s holds items ``s*2b + r*b ... + b`` of the stream: rank 0 reads 2b items per step."""
-    from gradclip_hf.experiments.bytelm import ByteLMDataset, SpikyByteStream, stdlib_text
+    from gradclip_hf.standins import ByteLMDataset, SpikyByteStream, stdlib_text
 
     stream = SpikyByteStream(ByteLMDataset(stdlib_text(120_000), block_size=64), spike_steps=(SPIKE_STEP,),
                              samples_per_step=PER_DEVICE * 2)

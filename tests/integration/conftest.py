@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from gradclip_hf.experiments.bytelm import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
+from gradclip_hf.standins import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
 from helpers import BLOCK  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "disabled")

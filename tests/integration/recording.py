@@ -9,8 +9,8 @@ import math
 import torch
 from transformers import TrainerCallback
 
-from gradclip_hf.experiments.bytelm import byte_tokenizer, stdlib_text
-from gradclip_hf.integrations.transformers.batches import fingerprints
+from gradclip_hf.standins import byte_tokenizer, stdlib_text
+from gradclip_hf.run.batches import fingerprints
 
 FIRST_TOKENS = 48
 

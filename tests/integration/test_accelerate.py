@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from host_sync import no_host_sync  # noqa: E402
 
 from gradclip_hf.config import ClipConfig  # noqa: E402
-from gradclip_hf.experiments.bytelm import tiny_llama  # noqa: E402
+from gradclip_hf.standins import tiny_llama  # noqa: E402
 from gradclip_hf.integrations.accelerate import AcceleratorClipper  # noqa: E402
 
 BATCH = 2
@@ -73,7 +73,7 @@ def test_clips_once_per_optimizer_step_with_the_mean_micro_batch_loss(dataset):
     with AcceleratorClipper(acc, config, model, optimizer, max_grad_norm=0.5) as clipper:
         reports, losses = loop(acc, model, optimizer, clipper, dataset, 6)
         metrics = clipper.metrics()
-    assert [r.step for r in reports] == [0, 1, 2] and clipper.step == 3
+    assert [r.step for r in reports] == [0, 1, 2] and clipper.global_step == 3
     step_losses = [(losses[i] + losses[i + 1]) / 2 for i in (0, 2, 4)]
     assert [float(r.spike.loss) for r in reports] == pytest.approx(step_losses, rel=1e-6)
     assert metrics["gradclip/threshold"] == 0.5 and metrics["grad_norm"] == pytest.approx(float(reports[-1].norm))

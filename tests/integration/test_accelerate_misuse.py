@@ -50,7 +50,7 @@ def test_clip_twice_for_one_step_is_refused_and_does_not_count_a_step():
     with pytest.raises(RuntimeError, match=r"clip_\(\) was called twice for one optimizer step .*call "
                                            r"optimizer\.step\(\) after it"):
         clipper.clip_(loss)
-    assert clipper.step == 1  # the schedule did not advance twice
+    assert clipper.global_step == 1  # the schedule did not advance twice
     optimizer.step()
     optimizer.zero_grad()
     for _ in range(3):  # the documented loop goes on
@@ -58,7 +58,7 @@ def test_clip_twice_for_one_step_is_refused_and_does_not_count_a_step():
         assert clipper.clip_(loss) is not None
         optimizer.step()
         optimizer.zero_grad()
-    assert clipper.step == 4
+    assert clipper.global_step == 4
     clipper.close()
 
 
@@ -71,7 +71,7 @@ def test_gradient_accumulation_micro_steps_are_not_mistaken_for_a_second_call():
             reports.append(clipper.clip_(loss))
             optimizer.step()
             optimizer.zero_grad()
-    assert [r is not None for r in reports] == [False, True] * 3 and clipper.step == 3
+    assert [r is not None for r in reports] == [False, True] * 3 and clipper.global_step == 3
     clipper.close()
 
 
@@ -87,9 +87,9 @@ def test_a_loss_that_is_not_one_element_tensor_is_refused_saying_what_to_pass(lo
     backward(acc, model)
     with pytest.raises(ValueError, match=match):
         clipper.clip_(loss)
-    assert clipper.step == 0
+    assert clipper.global_step == 0
     clipper.clip_(torch.ones(1))  # a one-element tensor of shape [1] is a loss
-    assert clipper.step == 1
+    assert clipper.global_step == 1
     clipper.close()
 
 
@@ -106,3 +106,12 @@ def test_clip_after_close_is_refused_and_a_nan_update_cannot_land():
         clipper.clip_(loss)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     assert not optimizer.optimizer._optimizer_step_pre_hooks  # close() left no hook behind
+
+
+def test_step_is_a_deprecated_name_of_global_step():
+    acc, model, optimizer, clipper = setup(ClipConfig())
+    backward(acc, model)
+    clipper.clip_(torch.ones(()))
+    with pytest.warns(DeprecationWarning, match="use AcceleratorClipper.global_step"):
+        assert clipper.step == clipper.global_step == 1
+    clipper.close()

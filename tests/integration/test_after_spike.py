@@ -10,7 +10,7 @@ import torch
 
 from helpers import BLOCK, make_args, train_logs
 from gradclip_hf.config import ClipConfig
-from gradclip_hf.experiments.bytelm import rare_byte_block, tiny_llama
+from gradclip_hf.standins import rare_byte_block, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer  # noqa: E402

@@ -17,6 +17,24 @@ def parse(argv):
     return args
 
 
+def test_each_option_carries_its_check_in_its_field_and_the_parser_takes_clip_config_itself():
+    """Issue 24.3: the check of each option is in its field's metadata (no list matched by position); argparse
+    never sees it, so HfArgumentParser(ClipConfig) parses the options under their own names."""
+    import dataclasses
+
+    from gradclip_hf.config import OPTION_CHECKS
+    from gradclip_hf.core import OptionError
+
+    for f in dataclasses.fields(ClipConfig):
+        assert OPTION_CHECKS[f.name] is f.metadata["check"] and "check" not in dict(f.metadata), f.name
+    with pytest.raises(OptionError, match="spike_factor"):
+        OPTION_CHECKS["spike_factor"]("spike_factor", 1.5)
+    assert OPTION_CHECKS["strategy"]("strategy", "zscore") == "zscore"
+    (config,) = transformers.HfArgumentParser(ClipConfig).parse_args_into_dataclasses(
+        args=["--strategy", "zscore", "--spike_detection", "loss"])
+    assert (config.strategy, config.spike_detection) == ("zscore", "loss")
+
+
 def test_parser_round_trip(tmp_path):
     args = parse(["--output_dir", str(tmp_path), "--clip_strategy", "zscore", "--clip_threshold", "2.0",
                   "--clip_schedule", "cosine", "--clip_threshold_final", "0.5", "--clip_zscore_z", "3.0",
@@ -80,3 +98,29 @@ def test_clip_config_errors_and_schedules():
     clipper = config.build(100)
     assert clipper.scale_at(0) == 1.0 and clipper.scale_at(10) == 0.5
     assert ClipConfig(**ClipConfig(norm_type="inf").to_dict()) == ClipConfig(norm_type=float("inf"))
+
+
+GradClipSeq2SeqArgs = None  # made below with module=__name__: pickled by reference to this module
+
+
+def test_with_clip_options_takes_the_module_explicitly_and_pickles_by_reference(tmp_path):
+    """Issue 24.5: no stack walk; the class is defined in the module it is given (else in the pack's module)."""
+    import pickle
+
+    from gradclip_hf.core import OptionError
+    from gradclip_hf.integrations.transformers import arguments, with_clip_options
+
+    global GradClipSeq2SeqArgs
+    GradClipSeq2SeqArgs = with_clip_options(transformers.Seq2SeqTrainingArguments, "GradClipSeq2SeqArgs",
+                                            module=__name__)
+    args = GradClipSeq2SeqArgs(output_dir=str(tmp_path), clip_strategy="zscore", report_to="none")
+    assert GradClipSeq2SeqArgs.__module__ == __name__ and not hasattr(arguments, "GradClipSeq2SeqArgs")
+    assert type(pickle.loads(pickle.dumps(args))) is GradClipSeq2SeqArgs
+    default = with_clip_options(transformers.Seq2SeqTrainingArguments)  # lives in the pack's module
+    assert default.__module__ == arguments.__name__ and arguments.GradClipSeq2SeqTrainingArguments is default
+    again = with_clip_options(transformers.Seq2SeqTrainingArguments)  # a later call replaces it
+    assert arguments.GradClipSeq2SeqTrainingArguments is again is not default
+    with pytest.raises(OptionError, match="`name` must be a name not already used"):
+        with_clip_options(transformers.TrainingArguments, "PREFIX")
+    with pytest.raises(OptionError, match="`module` must be the name of the module"):
+        with_clip_options(transformers.TrainingArguments, module="")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import make_args, train_logs
-from gradclip_hf.experiments.bytelm import tiny_llama
+from gradclip_hf.standins import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer  # noqa: E402

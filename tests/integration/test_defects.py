@@ -11,7 +11,7 @@ import torch
 
 from helpers import make_args, train_logs
 from gradclip_hf.config import ClipConfig
-from gradclip_hf.experiments.bytelm import tiny_llama
+from gradclip_hf.standins import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402

@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback  # noqa: E402
 
 from gradclip_hf.config import ClipConfig  # noqa: E402
-from gradclip_hf.experiments.bytelm import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama  # noqa: E402
+from gradclip_hf.standins import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama  # noqa: E402
 from gradclip_hf.integrations.transformers import GradClipTrainer  # noqa: E402
 
 from helpers import make_args, train_logs  # noqa: E402

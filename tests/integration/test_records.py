@@ -15,14 +15,14 @@ import torch
 from helpers import make_args
 from recording import StepInputs, expected_batch, nan_at, spike_lines, tokenized
 from gradclip_hf.config import ClipConfig
-from gradclip_hf.experiments.bytelm import tiny_llama
+from gradclip_hf.standins import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 from transformers import (DataCollatorForLanguageModeling, LlamaForSequenceClassification, Trainer,  # noqa: E402
                           TrainerCallback)
 
-from gradclip_hf.experiments.bytelm import tiny_llama_config  # noqa: E402
+from gradclip_hf.standins import tiny_llama_config  # noqa: E402
 from gradclip_hf.integrations.transformers import GradClipCallback, GradClipTrainer  # noqa: E402
 
 pytestmark = pytest.mark.slow

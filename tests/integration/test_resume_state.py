@@ -17,7 +17,7 @@ import pytest
 from helpers import make_args, train_logs
 from gradclip_hf.config import ClipConfig
 from gradclip_hf.core import StateError
-from gradclip_hf.experiments.bytelm import tiny_llama
+from gradclip_hf.standins import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer  # noqa: E402
@@ -80,11 +80,14 @@ def _set(path, value):
     (_set(("run", "clipper", "spikes"), [1, 2]), "run.clipper.spikes"),
     (_set(("run", "clipper", "strategies"), "zscore"), "run.clipper.strategies"),
     (_set(("run", "skipped_steps"), 10**400), "run.skipped_steps"),
+    (_set(("run", "watchdogs", "nonfinite_run"), 10**400), "run.watchdogs.nonfinite_run"),
+    (_set(("run", "watchdogs", "loss_cap_run"), -1), "run.watchdogs.loss_cap_run"),
+    (_set(("run", "watchdogs"), [0, 0]), "run.watchdogs"),
     (_set(("run",), "fresh"), "GradClipCallback.run"),
     (lambda callbacks: callbacks.update(GradClipCallback="fresh"), "GradClipCallback"),
     (lambda callbacks: callbacks.update(GradClipCallback=[7]), "GradClipCallback"),
-], ids=["huge-count", "huge-mean", "int64-overflow", "spikes-list", "strategies-str", "huge-counter", "run-str",
-        "entry-str", "entry-list-of-int"])
+], ids=["huge-count", "huge-mean", "int64-overflow", "spikes-list", "strategies-str", "huge-counter",
+        "huge-watchdog", "negative-watchdog", "watchdogs-list", "run-str", "entry-str", "entry-list-of-int"])
 @pytest.mark.parametrize("entry", ["trainer", "callback"])
 def test_a_hostile_state_raises_state_error_with_field_checkpoint_and_fix(tmp_path, dataset, checkpoint, edit, field,
                                                                           entry):
@@ -116,3 +119,41 @@ def test_changed_statistics_options_are_refused_naming_the_fix_and_the_fix_resum
     saved = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())
     fresh = saved["stateful_callbacks"]["GradClipCallback"]["run"]["clipper"]
     assert fresh["strategies"]["default"]["count"] == 2  # two steps since the resume, not 3 + 2
+
+
+# ---------------------------------------------------------------- issue 24.6: the watchdogs go on after a resume
+@pytest.mark.parametrize("watchdog", ["nonfinite", "loss_cap"])
+@pytest.mark.parametrize("entry", ["trainer", "callback"])
+def test_the_watchdogs_count_on_across_a_resume(tmp_path, dataset, watchdog, entry):
+    """A run of non-finite steps (or of steps above loss_cap) that a checkpoint cuts in two is one run: the
+    resumed run stops where the run without the checkpoint stops, not a whole limit later."""
+    from recording import nan_at
+
+    options = (dict(nonfinite_max_consecutive=3) if watchdog == "nonfinite"
+               else dict(loss_cap=0.01, loss_cap_patience=3))  # every step's loss is above 0.01
+    nans = range(2, 9) if watchdog == "nonfinite" else ()  # steps 2, 3, 4, ... (train/global_step) are NaN
+
+    def trainer(out, steps):
+        args = make_args(out, max_steps=steps, save_strategy="steps", save_steps=2)
+        if entry == "trainer":
+            t = GradClipTrainer(model=tiny_llama(0), train_dataset=dataset, clip_config=ClipConfig(**options),
+                                args=args)
+        else:
+            t = Trainer(model=tiny_llama(0), train_dataset=dataset, args=args,
+                        callbacks=[GradClipCallback(ClipConfig(**options))])
+        nan_at(t, nans)
+        return t
+
+    whole = trainer(tmp_path, 8)
+    whole.train()
+    stop = whole.state.global_step
+    assert stop == (4 if watchdog == "nonfinite" else 3)  # the third consecutive step
+    saved = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    runs = saved["stateful_callbacks"]["GradClipCallback"]["run"]["watchdogs"]
+    assert runs == ({"nonfinite_run": 1, "loss_cap_run": 0} if watchdog == "nonfinite"
+                    else {"nonfinite_run": 0, "loss_cap_run": 2})
+    resumed = trainer(tmp_path / "resumed", 8)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == stop
+    reason = next(h["gradclip/stop_reason"] for h in resumed.state.log_history if "gradclip/stop_reason" in h)
+    assert f"at step {stop}:" in reason and ("3 consecutive" in reason or "for 3 steps in a row" in reason)

@@ -14,7 +14,7 @@ from helpers import StepRecorder, make_args
 from recording import nan_at, spike_lines
 
 transformers = pytest.importorskip("transformers")
-from gradclip_hf.experiments.bytelm import tiny_llama  # noqa: E402
+from gradclip_hf.standins import tiny_llama  # noqa: E402
 from gradclip_hf.integrations.transformers import GradClipTrainer, GradClipTrainingArguments  # noqa: E402
 
 pytestmark = pytest.mark.slow

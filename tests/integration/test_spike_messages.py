@@ -10,7 +10,7 @@ import pytest
 
 from helpers import make_args
 from gradclip_hf.config import ClipConfig
-from gradclip_hf.experiments.bytelm import SpikyByteStream, tiny_llama
+from gradclip_hf.standins import SpikyByteStream, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer  # noqa: E402

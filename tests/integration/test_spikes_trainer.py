@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import make_args
-from gradclip_hf.experiments.bytelm import SpikyByteStream, tiny_llama
+from gradclip_hf.standins import SpikyByteStream, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from helpers import make_args
 from recording import nan_at, spike_lines
 from gradclip_hf.config import ClipConfig
-from gradclip_hf.experiments.bytelm import SpikyByteStream, tiny_llama
+from gradclip_hf.standins import SpikyByteStream, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")

@@ -11,15 +11,15 @@ import torch
 from helpers import assert_same_weights, make_args, train_logs, weights
 from gradclip_hf.config import ClipConfig
 from gradclip_hf.core import GradClipper
-from gradclip_hf.experiments.bytelm import tiny_llama
+from gradclip_hf.standins import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from gradclip_hf.integrations.transformers.metrics import SPIKE_KEYS  # noqa: E402
+from gradclip_hf.run.metrics import SPIKE_KEYS  # noqa: E402
 from gradclip_hf.integrations.transformers import (METRIC_KEYS, GradClipCallback, GradClipMixin,  # noqa: E402
                                                    GradClipTrainer, GradClipTrainingArguments)
-from gradclip_hf.integrations.transformers.run import ClipRun, check_trainer  # noqa: E402
+from gradclip_hf.integrations.transformers.session import check_trainer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def bpe_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from gradclip_hf.experiments.bytelm import stdlib_text
+    from gradclip_hf.standins import stdlib_text
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -94,7 +94,7 @@ def bpe_tokenizer():
 def test_trl_sft_trainer_with_callback_and_mixin(tmp_path, bpe_tokenizer):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    from gradclip_hf.experiments.bytelm import stdlib_text
+    from gradclip_hf.standins import stdlib_text
 
     text = stdlib_text(60_000)
     data = datasets.Dataset.from_dict({"text": [text[i:i + 200] for i in range(0, 40_000, 200)]})
@@ -169,13 +169,13 @@ def test_weight_update_is_bounded_by_threshold(tmp_path, dataset, entry):
 @pytest.mark.parametrize("entry", ["trainer", "callback"])
 def test_grad_accumulation_one_clip_per_step_and_step_loss(tmp_path, dataset, entry, monkeypatch):
     seen = []
-    original = GradClipper.clip_
+    original = GradClipper.plan  # what the integrations call (then apply_, or the fused optimizer)
 
     def recording_clip(self, model, step, *, loss=None, **kwargs):
         seen.append((step, None if loss is None else loss.item()))
         return original(self, model, step, loss=loss, **kwargs)
 
-    monkeypatch.setattr(GradClipper, "clip_", recording_clip)
+    monkeypatch.setattr(GradClipper, "plan", recording_clip)
     args = make_args(tmp_path, max_steps=4, gradient_accumulation_steps=2, max_grad_norm=0.5)
     if entry == "trainer":
         trainer = GradClipTrainer(model=tiny_llama(0), args=args, train_dataset=dataset)
@@ -289,7 +289,7 @@ def test_fp16_unscaled_exactly_once(tmp_path, dataset):
 
 
 def test_unscale_once_respects_scaler_stage():
-    from gradclip_hf.integrations.transformers.compat import unscale_once
+    from gradclip_hf.run.compat import unscale_once
 
     param = torch.nn.Parameter(torch.ones(3))
     inner = torch.optim.SGD([param], lr=0.1)

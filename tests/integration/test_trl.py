@@ -18,7 +18,7 @@ from datasets import Dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer, TrlParser  # noqa: E402
 
 from gradclip_hf.config import ClipConfig  # noqa: E402
-from gradclip_hf.experiments.bytelm import stdlib_text, tiny_llama  # noqa: E402
+from gradclip_hf.standins import stdlib_text, tiny_llama  # noqa: E402
 from gradclip_hf.integrations.transformers import GradClipCallback, GradClipMixin, with_clip_options  # noqa: E402
 
 GradClipSFTConfig = with_clip_options(SFTConfig)  # module level: training_args.bin pickles it by reference

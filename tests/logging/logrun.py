@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 from helpers import StepRecorder
 
-from gradclip_hf.experiments.bytelm import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
+from gradclip_hf.standins import ByteLMDataset, SpikyByteStream, stdlib_text, tiny_llama
 from gradclip_hf.integrations.transformers import GradClipTrainer, GradClipTrainingArguments
 
 BATCH = 4

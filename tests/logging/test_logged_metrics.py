@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from logrun import make_trainer, train_logs  # noqa: E402
 
-from gradclip_hf.integrations.transformers.metrics import METRIC_KEYS  # noqa: E402
+from gradclip_hf.run.metrics import METRIC_KEYS  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real Trainer runs
 

@@ -24,7 +24,7 @@ wandb = pytest.importorskip("wandb")
 from logrun import make_trainer, train_logs  # noqa: E402
 from wandb_records import read_run, run_dir, summary, wandb_cli  # noqa: E402
 
-from gradclip_hf.integrations.transformers.metrics import METRIC_KEYS  # noqa: E402
+from gradclip_hf.run.metrics import METRIC_KEYS  # noqa: E402
 from gradclip_hf.integrations.wandb import WandbReporter, create_workspace, panel_layout  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -64,22 +64,35 @@ class ClipArguments:
         return self._clip_options()
 
 
-def with_clip_options(base: type, name: str | None = None) -> type:
+_DERIVED: dict[str, type] = {}  # the classes with_clip_options made that live in this module, by name
+
+
+def with_clip_options(base: type, name: str | None = None, module: str | None = None) -> type:
     """A dataclass subclass of ``base`` (``TrainingArguments`` or a subclass such as TRL's ``SFTConfig``) with
     every ``ClipConfig`` option as a ``clip_*`` field; ``name`` defaults to ``"GradClip" + base.__name__``.
-    Define it at module level (the Trainer pickles its arguments into ``training_args.bin``)."""
+
+    The Trainer pickles its arguments into ``training_args.bin``, by reference to the class: ``module`` names the
+    module the class is defined in (``module=__name__``, assigned at that module's top level under ``name``);
+    without it, the class lives in this module under ``name`` (a later call with the same name replaces it)."""
     if not (isinstance(base, type) and issubclass(base, TrainingArguments)):
         raise TypeError(f"with_clip_options needs a TrainingArguments subclass, got {base!r}.")
     name = name or f"GradClip{base.__name__}"
+    if module is not None and not (isinstance(module, str) and module):
+        raise OptionError("module", module, "the name of the module the class is defined in (__name__), or None")
+    here = sys.modules[__name__]
+    if module is None and hasattr(here, name) and _DERIVED.get(name) is not getattr(here, name):
+        raise OptionError("name", name, f"a name not already used by {__name__}", "Pass another name=, or "
+                          "module=__name__ to define the class in your module.")
     cls = make_dataclass(name, _clip_fields(), bases=(ClipArguments, base))
     cls.__init__ = _suggesting_init(cls)
-    cls.__module__ = sys._getframe(1).f_globals.get("__name__", __name__)
+    cls.__module__ = module or __name__
+    if module is None:
+        _DERIVED[name] = cls
+        setattr(here, name, cls)
     cls.__doc__ = (f"``{base.__name__}`` with the gradient-clipping options of ``ClipConfig`` as ``clip_*`` fields "
                    f"(``clip_strategy``, ``clip_threshold``, ``clip_spike_action``, ...). ``clip_threshold`` "
                    f"defaults to ``max_grad_norm``; the Trainer's own clipping is off while the pack clips.")
     return cls
-
-
 
 
 def _suggesting_init(cls: type) -> Any:

@@ -1,4 +1,6 @@
-"""Every private (or unstable) Trainer / accelerate / torch detail the integration relies on, in ONE place.
+"""Every private (or unstable) Trainer / accelerate / DeepSpeed detail the Trainer integration relies on, in ONE
+place. The optimizer's (``AcceleratedOptimizer``, ``GradScaler``, fused optimizers), shared with
+``AcceleratorClipper``, are in :mod:`gradclip_hf.run.compat`.
 
 Verified against transformers 5.23.0 and 4.57.6 (accelerate 1.15, torch 2.13): read in both sources, and
 ``tests/integration`` and ``tests/logging`` run on both in CI (``make test``: ``.venv`` and ``.venv-tf4``).
@@ -21,15 +23,18 @@ grad_norm=None)``                                              active: the Train
 ``accelerator.state.fsdp_plugin``       yes         yes        FSDP1 refusal (flat local shards)
 ``TrainerState.stateful_callbacks``     yes         yes        our entry is added at train begin, so a resume
                                                                 from a checkpoint written without us can save
-``AcceleratedOptimizer.scaler``,        yes         yes        fp16: unscale once, by the scaler's stage; the
-``.optimizer``                                                  inner torch optimizer gets the step hooks
-``GradScaler._per_optimizer_states``    torch 2.x   torch 2.x  ``[id(opt)]["stage"] is OptState.READY``
-``GradScaler._scale``                   torch 2.x   torch 2.x  fp16 watchdog: the loss scale as a device tensor
-                                                                (``get_scale()`` would read it on the host)
+``Trainer.pop_callback``,               yes         yes        public; with ``callback_handler.callbacks``
+``Trainer.add_callback``,                                       (read only) a callback is placed before another
+``callback_handler.callbacks`` (read)                           one (:func:`insert_callback`): first for the
+                                                                mixin, the console filter before the printer
+``Trainer._load_callback_state``        yes         yes        not called: with ``restore_callback_states_from_
+(``restore_callback_states_from_                                checkpoint`` it rebuilds each stored callback as
+checkpoint``)                                                   ``type(cb)(**state["args"])``, drops the old one
+                                                                and appends the new one last (a stand-in that
+                                                                takes over its Trainer's session at train begin)
 ``DataLoaderShard.batch_sampler``,      1.15        1.15       the train dataloader's index sampler: its
 ``BatchSamplerShard.batch_sampler``                             instance's class is swapped for a recording
                                                                 subclass for the run (records name the indices)
-``Optimizer._step_supports_amp_scaling``torch 2.x   torch 2.x  fused optimizers: ``grad_scale``/``found_inf``
 ``Accelerator.backward``,               (1.16)      (1.16)     DeepSpeed: wrapped on the Trainer's accelerator
 ``Accelerator.sync_gradients``                                  instance for the run; at the step's last micro-
                                                                 batch (``sync_gradients``) the engine's threshold
@@ -59,8 +64,8 @@ DeepSpeed 0.19.8 (read in its source, and run on CPU by ``tests/deepspeed``, ZeR
 =====================================  =================================================================
 
 Nothing here writes a private attribute: the skip goes through the optimizer's public step hooks
-(:class:`~gradclip_hf.integrations.optim.StepGate`), and the LR scheduler advances on a skipped step (the
-Trainer steps it unless a GradScaler reports an overflow).
+(:class:`~gradclip_hf.run.gate.StepGate`), and the LR scheduler advances on a skipped step (the Trainer steps it
+unless a GradScaler reports an overflow).
 """
 
 from __future__ import annotations
@@ -68,8 +73,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["train_sampler", "find_trainer", "unscale_once", "loss_scale", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks",
-           "inner_optimizer", "scaler_enabled", "deepspeed_clipping", "deepspeed_engine", "deepspeed_config"]
+__all__ = ["train_sampler", "find_trainer", "insert_callback", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks", "deepspeed_clipping",
+           "deepspeed_engine", "deepspeed_config"]
 
 
 def _trainer_cls():
@@ -84,7 +89,9 @@ def has_grad_norm_hooks() -> bool:
 
 
 def find_trainer(max_depth: int = 32) -> Any | None:
-    """The ``transformers.Trainer`` whose method is on the call stack (callbacks get no reference)."""
+    """The ``transformers.Trainer`` whose method is on the call stack: a callback passed in ``callbacks=[...]`` is
+    never handed its Trainer, so ``GradClipCallback`` looks for it here at train begin (the pack's one stack walk;
+    ``GradClipMixin`` and ``attach()`` hand it over instead)."""
     trainer_cls = _trainer_cls()
     frame = sys._getframe(1)
     depth = 0
@@ -99,38 +106,19 @@ def find_trainer(max_depth: int = 32) -> Any | None:
     return None
 
 
-def inner_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def scaler_enabled(optimizer: Any) -> bool:
-    scaler = getattr(optimizer, "scaler", None)
-    return scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
-
-
-def loss_scale(optimizer: Any) -> Any:
-    """The fp16 ``GradScaler``'s current scale as a device tensor (``None`` before its first ``scale()``)."""
-    scale = getattr(getattr(optimizer, "scaler", None), "_scale", None)
-    return scale if hasattr(scale, "reshape") else None
-
-
-def unscale_once(optimizer: Any) -> bool:
-    """Unscale fp16 gradients exactly once per step; return whether this call unscaled.
-
-    accelerate's ``AcceleratedOptimizer`` carries the ``GradScaler`` (``.scaler``). ``GradScaler.unscale_``
-    raises if called twice in a step, and ``scaler.step()`` unscales only when the stage is still ``READY``.
-    So: unscale when, and only when, the stage is ``READY`` (by state, not version)."""
-    if not scaler_enabled(optimizer):
-        return False
-    from torch.amp.grad_scaler import OptState
-
-    scaler, inner = optimizer.scaler, inner_optimizer(optimizer)
-    stage = scaler._per_optimizer_states[id(inner)]["stage"]
-    if stage is OptState.READY:
-        scaler.unscale_(inner)
-        return True
-    return False
+def insert_callback(trainer: Any, callback: Any, before: Any = None) -> None:
+    """Add ``callback`` right before the first of ``trainer``'s callbacks for which ``before(cb)`` holds (first of
+    all without ``before``; last when none does), with the public ``pop_callback``/``add_callback`` only: the
+    callbacks from that one on are popped and added back after it, in their order. Not while a callback event
+    is being dispatched (the handler iterates over the list)."""
+    callbacks = trainer.callback_handler.callbacks  # read only
+    at = next((i for i, cb in enumerate(callbacks) if before is None or before(cb)), len(callbacks))
+    tail = list(callbacks[at:])
+    for cb in tail:
+        trainer.pop_callback(cb)
+    trainer.add_callback(callback)
+    for cb in tail:
+        trainer.add_callback(cb)
 
 
 def is_deepspeed(trainer: Any) -> bool:

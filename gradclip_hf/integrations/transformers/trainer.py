@@ -8,8 +8,12 @@ from transformers import Trainer
 
 from ...config import ClipConfig
 from ...core import GradClipper, OptionError
-from .callback import ClipSession, GradClipCallback, release
-from .run import ClipRun
+from ...run import ClipRun
+from .callback import GradClipCallback
+from .compat import insert_callback
+from .console import ConsoleTrim
+from .session import ClipSession
+from .wrappers import release
 
 __all__ = ["GradClipMixin", "GradClipTrainer", "config_from_args"]
 
@@ -57,7 +61,7 @@ class GradClipMixin:
         callback = GradClipCallback(config=clip_config, clipper=clipper).bind(self)
         callback.session.owner = type(self).__name__
         self._gradclip_callback = callback
-        self.callback_handler.callbacks.insert(0, callback)
+        insert_callback(self, callback)  # first: it clips before other callbacks' on_pre_optimizer_step
 
     @property
     def clip_session(self) -> ClipSession:
@@ -76,9 +80,6 @@ class GradClipMixin:
             self.clip_session.end()
 
     def training_step(self, model, inputs, *args: Any, **kwargs: Any):
-        run = self.clip_session.live(self)
-        if run is not None:
-            run.engine_inputs(inputs)  # DeepSpeed: the engine steps inside super().training_step
         loss = super().training_step(model, inputs, *args, **kwargs)
         run = self.clip_session.live(self)
         if run is not None:
@@ -88,6 +89,7 @@ class GradClipMixin:
     def log(self, logs, *args: Any, **kwargs: Any) -> None:
         run = self.clip_session.live(self)
         if run is not None:
+            ConsoleTrim.place(self)
             run.inject(logs, self.state)
         return super().log(logs, *args, **kwargs)
 

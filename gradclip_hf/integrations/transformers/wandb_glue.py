@@ -13,7 +13,7 @@ __all__ = ["WandbGlue"]
 
 
 class WandbGlue:
-    """Hands a :class:`~gradclip_hf.integrations.transformers.run.ClipRun`'s logged values to a
+    """Hands a :class:`~gradclip_hf.run.ClipRun`'s logged values to a
     :class:`~gradclip_hf.integrations.wandb.WandbReporter` after each logging step and at train end."""
 
     def __init__(self, run: Any, report_to: Any, reporter: Any):

@@ -1,0 +1,111 @@
+"""The methods of the gallery: the demo's (the stock Trainer, ``recommended``, ``pack:...``), the peers (zclip, the
+OLMo-core rule), the candidates of the exploration, and ``engine:field=value,...``: a pack configuration on the
+pack's DeepSpeed path, simulated in-process (:mod:`.engine_sim`: the threshold set before the step, adaptive
+statistics one step behind).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from gradclip_hf.demo import methods as demo
+
+__all__ = ["Method", "METHODS", "method"]
+
+
+@dataclass(frozen=True)
+class Method(demo.Method):
+    """A demo method, or ``kind`` ``zclip``, ``olmo`` or ``engine`` (a pack configuration on the simulated
+    DeepSpeed path)."""
+
+    PACK_KINDS: ClassVar[tuple[str, ...]] = ("pack", "engine")
+
+    def build(self, args_kwargs: dict[str, Any], **trainer_kwargs: Any):
+        from transformers import Trainer, TrainingArguments
+
+        if self.kind == "zclip":
+            trainer = Trainer(args=TrainingArguments(**args_kwargs, max_grad_norm=0.0), **trainer_kwargs)
+            trainer.add_callback(_zclip_callback())
+            return trainer
+        if self.kind == "olmo":
+            from .olmo import OlmoSkipTrainer
+
+            return OlmoSkipTrainer(args=TrainingArguments(**args_kwargs, max_grad_norm=0.0), **trainer_kwargs)
+        if self.kind == "engine":
+            from .engine_sim import EngineSimTrainer
+
+            return EngineSimTrainer(args=TrainingArguments(**args_kwargs, max_grad_norm=1.0),
+                                    clip_config=self.clip_config(), **trainer_kwargs)
+        return super().build(args_kwargs, **trainer_kwargs)
+
+    def flags(self, trainer: Any, series: dict[str, list[float]]) -> tuple[list[int] | None, list[int] | None]:
+        if self.kind == "olmo":
+            return list(trainer.rule.skipped), list(trainer.rule.skipped)
+        return super().flags(trainer, series)
+
+    def clip_rate(self, series: dict[str, list[float]]) -> float:
+        if self.kind == "olmo":  # it clips at 1.0
+            norms = [v for v in series["grad_norm"] if math.isfinite(v)]
+            return sum(v > 1.0 for v in norms) / len(norms) if norms else math.nan
+        return super().clip_rate(series)
+
+
+def _pack(name: str, label: str, **config: Any) -> Method:
+    return Method(name, "pack", label, config=tuple(sorted(config.items())))
+
+
+_Z = dict(strategy="zscore", threshold=1.0)
+_N = dict(strategy="norm", threshold=1.0)
+_SKIP = dict(spike_detection="loss", spike_action="skip")
+_BOTH = dict(spike_detection="both", spike_action="skip")
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    *(Method(m.name, m.kind, m.label, m.max_grad_norm, m.config) for m in demo.METHODS.values()),
+    Method("zclip", "zclip", "zclip 1.0.0 (defaults)"),
+    Method("olmo", "olmo", "OLMo-core rule (skip > 6 sigma of 128 steps, clip 1.0)"),
+    # the candidates of the exploration (explicit, whatever recommended() becomes): z = zscore capped at 1.0,
+    # n = norm at 1.0; skip on a loss spike ("both": loss or gradient-norm spike); f = spike_factor (threshold
+    # multiplier after a spike, 1 = no tightening), hl = spike_relax_half_life, z4/z8 = spike_z, w = warmup
+    _pack("zscore", "zscore cap 1.0 (no spike detection)", **_Z),
+    _pack("z_skip", "zscore + loss skip, f 0.5, hl 20 (recommended() before)", **_Z, **_SKIP),
+    _pack("z_skip_f1", "zscore + loss skip, f 1", **_Z, **_SKIP, spike_factor=1.0),
+    _pack("z_skip_hl5", "zscore + loss skip, f 0.5, hl 5", **_Z, **_SKIP, spike_relax_half_life=5.0),
+    _pack("z_skip_both", "zscore + loss/norm skip, f 0.5", **_Z, **_BOTH),
+    _pack("z_skip_both_f1", "zscore + loss/norm skip, f 1", **_Z, **_BOTH, spike_factor=1.0),
+    _pack("n_skip", "norm + loss skip, f 0.5", **_N, **_SKIP),
+    _pack("n_skip_f1", "norm + loss skip, f 1", **_N, **_SKIP, spike_factor=1.0),
+    _pack("n_skip_hl5", "norm + loss skip, f 0.5, hl 5", **_N, **_SKIP, spike_relax_half_life=5.0),
+    _pack("n_tighten", "norm + loss tighten (no skip), f 0.5", **_N, spike_detection="loss", spike_action="tighten"),
+    _pack("n_skip_both", "norm + loss/norm skip, f 0.5", **_N, **_BOTH),
+    _pack("n_skip_both_f08", "norm + loss/norm skip, f 0.8", **_N, **_BOTH, spike_factor=0.8),
+    _pack("n_skip_both_hl5", "norm + loss/norm skip, f 0.5, hl 5", **_N, **_BOTH, spike_relax_half_life=5.0),
+    _pack("n_skip_both_f1", "norm + loss/norm skip, f 1", **_N, **_BOTH, spike_factor=1.0),
+    _pack("n_skip_both_f1_z4", "norm + loss/norm skip, f 1, z 4", **_N, **_BOTH, spike_factor=1.0, spike_z=4.0),
+    _pack("n_skip_both_f1_z8", "norm + loss/norm skip, f 1, z 8", **_N, **_BOTH, spike_factor=1.0, spike_z=8.0),
+    _pack("n_skip_both_f1_w50", "norm + loss/norm skip, f 1, warmup 50", **_N, **_BOTH, spike_factor=1.0,
+          spike_warmup_steps=50),
+]}
+
+
+def method(name: str) -> Method:
+    """A named method, or ``pack:field=value,...`` / ``engine:field=value,...`` (validated by ``ClipConfig``
+    now)."""
+    return demo.method(name, METHODS, spec_kinds=("pack", "engine"), cls=Method)
+
+
+def _zclip_callback():
+    from transformers import TrainerCallback
+    from zclip import ZClip
+
+    class ZClipCallback(TrainerCallback):
+        """zclip 1.0.0 with its defaults, called just before ``optimizer.step()``."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.zclip = ZClip()
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.zclip.step(model)
+
+    return ZClipCallback()

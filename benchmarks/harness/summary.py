@@ -1,0 +1,77 @@
+"""Per (scenario, method) statistics over seeds from :func:`~.sweep.run_grid` records.
+
+Per method and scenario, paired per seed: ``damage`` (faulted minus clean eval loss, same method),
+``vs_stock`` (damage minus stock's damage), ``ratio`` (damage / stock's damage; ``removed`` = 1 - ratio),
+``fp_cost`` (clean eval loss minus stock's clean eval loss: what the method costs when nothing goes
+wrong), each a mean with its 95 % t-interval; the median worst excursion and steps to recover; how
+many fault steps the method flagged, and how many steps it skipped in its clean run (false positives).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Sequence
+
+from gradclip_hf.demo.metrics import damage, diverged, eval_loss, excursion
+
+from .stats import Interval, mean_interval, paired, ratio
+
+__all__ = ["summarise", "REFERENCE"]
+
+REFERENCE = "stock"
+
+
+def _median(values: Sequence[float]) -> float:
+    xs = [v for v in values if not math.isnan(v)]
+    return statistics.median(xs) if xs else math.nan
+
+
+def _by_seed(records: list[dict[str, Any]], fn) -> dict[int, float]:
+    return {r["seed"]: fn(r) for r in records}
+
+
+def _detection(records: list[dict[str, Any]]) -> dict[str, float]:
+    flagged = [r["faulted"]["spike_steps"] for r in records]
+    if any(f is None for f in flagged):
+        return {"caught": math.nan, "clean_skips": math.nan}
+    hits = [len(set(f) & set(r["faulted"]["fault_steps"])) / max(1, len(r["faulted"]["fault_steps"]))
+            for f, r in zip(flagged, records)]
+    skips = [len(r["clean"]["skipped_steps"] or []) for r in records]
+    return {"caught": statistics.fmean(hits), "clean_skips": statistics.fmean(skips)}
+
+
+def _row(records: list[dict[str, Any]], stock: list[dict[str, Any]] | None, faulty: bool) -> dict[str, Any]:
+    dmg = _by_seed(records, lambda r: damage(r["faulted"], r["clean"]))
+    clean = _by_seed(records, lambda r: eval_loss(r["clean"]))
+    exc = [excursion(r["faulted"]["series"]["loss"], r["clean"]["series"]["loss"], r["faulted"]["fault_steps"])
+           for r in records]
+    row: dict[str, Any] = {"seeds": len(records), "clean_eval": mean_interval(list(clean.values())),
+                           "faulted_eval": mean_interval([eval_loss(r["faulted"]) for r in records]),
+                           "diverged": sum(diverged(r["faulted"]) for r in records),
+                           "clip_rate_clean": statistics.fmean(r["clean"]["clip_rate"] for r in records),
+                           **_detection(records)}
+    if faulty:
+        row.update(damage=mean_interval(list(dmg.values())), worst_excursion=_median([e["worst"] for e in exc]),
+                   recover=_median([math.inf if e["recover"] is None else e["recover"] for e in exc]),
+                   not_recovered=sum(e["recover"] is None for e in exc))
+    if stock is not None:
+        stock_dmg = _by_seed(stock, lambda r: damage(r["faulted"], r["clean"]))
+        row["fp_cost"] = paired(clean, _by_seed(stock, lambda r: eval_loss(r["clean"])))
+        if faulty:
+            row["vs_stock"] = paired(dmg, stock_dmg)
+            row["ratio"] = ratio(dmg, stock_dmg)
+            r = row["ratio"]
+            row["removed"] = Interval(1 - r.mean, 1 - r.high, 1 - r.low, r.std, r.n)
+    return row
+
+
+def summarise(records: list[dict[str, Any]], faults: dict[str, bool]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{scenario: {method: row}}``; ``faults[scenario]`` says whether the scenario has a fault."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in dict.fromkeys(r["scenario"] for r in records):
+        rows = [r for r in records if r["scenario"] == name]
+        stock = [r for r in rows if r["method"] == REFERENCE] or None
+        table[name] = {m: _row([r for r in rows if r["method"] == m], stock, faults[name])
+                       for m in dict.fromkeys(r["method"] for r in rows)}
+    return table

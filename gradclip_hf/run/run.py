@@ -1,0 +1,330 @@
+"""``ClipRun``: the pack on one training run (a ``Trainer.train()``, or a hand-written loop): built at train begin,
+closed when training ends. No transformers here: the integrations hand it what it needs.
+
+It ties the per-step jobs together: :class:`~.metrics.StepLoss` (the step loss), the clipper and the run's
+step backend (:mod:`.backends`: where the clip and the skip happen), the one decision (:mod:`.decision`), the
+:class:`~.actions.StepActions` (rollback, stop, watchdogs), the :class:`~.metrics.MetricsWindow` (what is
+logged, read in one transfer per logging step) and the reporting (spike messages, the spike file).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable
+
+from ..config import ClipConfig, check_max_grad_norm
+from ..core import ClipReport, GradClipper, SpikeEvent, StateError
+from ..core._checks import check_int, state_field
+from ..core._state import to_host
+from .actions import StepActions, logger
+from .backends import LocalStep, StepBackend
+from .decision import skip_update
+from .messages import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages
+from .metrics import MetricsWindow, StepLoss
+from .records import EventRecorder
+from .skiplists import check_batch, check_start
+
+__all__ = ["ClipRun", "RESET_HINT", "STOP_KEY"]
+
+RESET_HINT = ("to start the statistics fresh instead, set reset_statistics=True (clip_reset_statistics in "
+              "GradClipTrainingArguments, on the command line and in the Axolotl YAML)")
+STOP_KEY = "gradclip/stop_reason"  # in the log row of the step the pack stopped the run at
+CAPACITY = 256  # flagged steps the device rings hold between two reads
+
+
+class ClipRun:
+    """One training run. ``config`` (or a ready ``clipper``) and the Trainer's ``args``/``state``/optimizer.
+
+    Attributes read by users and tests: ``clipper``, ``last_report``, ``num_clips``, ``skipped_steps``,
+    ``spike_events`` (every spike read back), ``stop_reason``, ``rollbacks``, ``last_metrics`` (the metrics of
+    the last logging step), ``threshold_source`` (where the threshold in force came from).
+
+    Flagged steps wait on the device until a logging step, or until the device rings would fill
+    (``read_every`` steps since the last read, counted on the host): then they are read, so every event reaches
+    the spike file whatever the logging interval.
+    """
+
+    def __init__(self, config: ClipConfig | None, clipper: GradClipper | None, *, args: Any, state: Any,
+                 owner: str, optimizer: Any = None, backend: Callable[[GradClipper], StepBackend] | None = None,
+                 decode: Any = None, max_grad_norm: float | None = None):
+        self.config, self.given_config, self.owner = config or ClipConfig(), config, owner
+        self.state, self.open = state, True  # the TrainerState of this run; open until train() leaves
+        if max_grad_norm is None:  # None in TrainingArguments: no clipping, as 0 (checked in build)
+            max_grad_norm = getattr(args, "max_grad_norm", None) or 0.0
+        if clipper is None:
+            total = int(getattr(state, "max_steps", 0) or 0) or None
+            self.clipper = self.config.build(total, max_grad_norm)
+            self.threshold_source = self._describe_threshold(max_grad_norm)
+        else:
+            self.clipper, self.threshold_source = clipper, "a GradClipper passed in"
+        if backend is None:  # the local path, on ``optimizer``
+            self.backend: StepBackend = LocalStep(self.clipper, optimizer, hand_off=self.config.defers_to_optimizer)
+        else:
+            self.backend = backend(self.clipper)
+        self.actions = StepActions(self.clipper, self.config, self.backend, owner)
+        self.skip_prints = self.config.skip_fingerprints() if clipper is None else {}
+        self.main_process = bool(getattr(state, "is_world_process_zero", True))
+        self.recorder = self._recorder(args, decode)
+        self.loss, self.window = StepLoss(), MetricsWindow()
+        self._step_loss: Any = None  # the step loss, when it was known before the last backward
+        top_k = self.config.log_layers_top_k if self.backend.layer_norms else 0
+        self.layers = LayerSelector(top_k, self.config.log_layer_patterns if self.backend.layer_norms else ())
+        self.messages = SpikeMessages(self.clipper, owner, listed=self.actions.listed)
+        self.last_report: ClipReport | None = None
+        self.num_clips = self.skipped_steps = self.nonfinite_steps = 0
+        self.last_metrics: dict[str, float] = {}
+        spikes = self.clipper.spikes
+        self.read_every = min(self.recorder.capacity, spikes.max_events if spikes is not None else CAPACITY)
+        self._since_read = 0  # steps since the flagged steps were last read (host count)
+        self.stop_logged = self.stop_saved = self._stop_written = False
+        self.last_layer_norms: dict[str, float] = {}
+        self.last_spike_layers: list[tuple[str, float]] = []
+        self.ship_layers = self.layers.enabled  # every layer's norm in the logging transfer
+        self._unreported: dict[str, float] | None = None
+        self._clipped_step: int | None = None
+
+    def _recorder(self, args: Any, decode: Any) -> EventRecorder:
+        samples = int(getattr(args, "per_device_train_batch_size", 1)) * int(
+            getattr(args, "gradient_accumulation_steps", 1))
+        return EventRecorder(getattr(args, "output_dir", None), samples, capacity=CAPACITY,
+                             main_process=self.main_process, decode=decode)
+
+    def check_skip_list(self, args: Any, state: Any) -> None:
+        """Train begin: warn about listed steps this run cannot apply as meant (:mod:`.skiplists`)."""
+        if self.main_process:
+            check_start(self.actions.listed, int(getattr(state, "global_step", 0) or 0),
+                        int(getattr(state, "max_steps", 0) or 0), getattr(args, "resume_from_checkpoint", None))
+
+    def _describe_threshold(self, max_grad_norm: Any) -> str:
+        c = self.config
+        threshold = c.resolved_threshold(max_grad_norm)
+        if c.threshold is not None:
+            source = "set on the pack"
+        elif threshold is None:
+            source = "none: the strategy sets its own"
+        elif math.isinf(threshold):
+            off = "no cap" if c.strategy == "zscore" else "no clipping, norms measured"
+            source = f"max_grad_norm={check_max_grad_norm(max_grad_norm):g}: {off}"
+        else:
+            source = f"from max_grad_norm={threshold:g}"
+        shown = "none" if threshold is None or math.isinf(threshold) else f"{threshold:g}"
+        return f"strategy {c.strategy}, threshold {shown} ({source})"
+
+    @property
+    def spike_events(self) -> list[SpikeEvent]:
+        return self.messages.events
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.actions.stop_reason
+
+    @property
+    def rollbacks(self) -> int:
+        return self.actions.rollbacks
+
+    @property
+    def defer(self) -> bool:
+        """Whether this run hands the clip multiplier to the optimizer (a fused one) instead of the gradients."""
+        return self.backend.hand_off
+
+    # ------------------------------------------------------------------ per step
+    def start(self, step: int) -> None:
+        """Train begin, once a resumed run's state is loaded: the backend starts from ``step``."""
+        self.backend.start(step)
+
+    def before_backward(self, loss: Any, last: bool, step: int) -> Any:
+        """A micro-batch's loss before its backward, where the integration sees it (``backend.loss_before_backward``:
+        DeepSpeed steps inside the last one); returns the loss to backpropagate. ``last``: the step's last
+        micro-batch (gradients are synced after it); ``step``: optimizer steps done before this one."""
+        self.loss.add(loss)
+        if last:
+            self._step_loss = self.loss.take()
+        return self.backend.before_backward(loss, last=last, step=step, step_loss=self._step_loss if last else None)
+
+    def add_micro_batch(self, loss: Any, inputs: Any) -> None:
+        """A micro-batch's return and inputs (after its ``training_step``): the step loss (unless
+        :meth:`before_backward` took it) and what identifies the batch."""
+        if not self.backend.loss_before_backward:
+            self.loss.add(loss)
+        self.recorder.batches.add(inputs)
+
+    def clip_step(self, model: Any, state: Any) -> ClipReport | None:
+        """Before the update of the step (``optimizer.step()``): measure and clip once, decide once, and hand the
+        decision to the update (:mod:`.backends`). A second call at the same step returns the first's report."""
+        step = int(state.global_step)
+        if self._clipped_step == step:  # a second hook at the same step: never clip twice
+            return self.last_report
+        self._clipped_step = step
+        loss, self._step_loss = (self._step_loss if self._step_loss is not None else self.loss.take()), None
+        report = self.backend.measure(model, step, loss)
+        if report is None:
+            return self.last_report
+        listed = step + 1 in self.actions.listed
+        skip = skip_update(report, self.backend, listed)
+        self.window.add(report, skip, keep_spike_layers=self.layers.top_k > 0)
+        skip_now = self.actions.after_decision(report, skip, loss, model, listed)
+        self.backend.apply(report, skip, skip_now)
+        if listed and self.main_process:
+            check_batch(step + 1, self.skip_prints.get(step + 1), self.recorder.batches)
+        self.recorder.record_step(report, loss, skip, len(report.names))
+        if listed:
+            self.recorder.add_listed(step + 1)
+        self.num_clips += 1
+        self.last_report = report
+        self._since_read += 1
+        if self._since_read >= self.read_every:  # the device rings would fill before the next log: read now
+            self._read_flagged()
+        return report
+
+    # ------------------------------------------------------------------ logging
+    def metrics(self, state: Any = None) -> dict[str, float]:
+        """The window's metrics as floats (ONE device-to-host transfer); ``{}`` if no step since the last log.
+        Spike events are read back (a second transfer, only when there were spikes) and reported."""
+        r = self.last_report
+        if self.window.sums is None or r is None:
+            return {}
+        named = self.window.tensors(r)
+        named.update(self.actions.watch_tensors())
+        if self.ship_layers:
+            named["layers"] = r.per_tensor_norms
+        spike_vector = self.window.spike_norms if self.layers.top_k and r.spike is not None else None
+        if spike_vector is not None:
+            named["spike_layers"] = spike_vector
+        values = to_host(named)
+        out = self.window.metrics(values, with_spikes=r.spike is not None)
+        self.skipped_steps += out["gradclip/skipped_steps"]
+        self.nonfinite_steps += out["gradclip/nonfinite_steps"]
+        if out["gradclip/nonfinite_steps"] and state is not None:
+            self._say_nonfinite(out["gradclip/nonfinite_steps"], int(state.global_step))
+        if state is not None:
+            self.actions.check_watch(values, int(state.global_step))
+        if "layers" in values:
+            self.last_layer_norms = dict(zip(r.names, values["layers"]))
+            out.update(self.layers.select(r.names, values["layers"]))
+        if out.get("gradclip/spikes") or out["gradclip/nonfinite_steps"] or self.recorder.pending:
+            self._read_flagged()
+        self._since_read = 0  # every flagged step of the window has been read
+        self._write_stop()
+        if out.get("gradclip/spikes"):
+            if spike_vector is not None and len(values["spike_layers"]) == len(self.window.spike_names):
+                self.last_spike_layers = LayerSelector.top(self.window.spike_names, values["spike_layers"],
+                                                           self.layers.top_k)
+                out.update({SPIKE_LAYER_PREFIX + n: v for n, v in self.last_spike_layers})
+        return out
+
+    def _say_nonfinite(self, count: int, step: int) -> None:
+        policy = self.clipper.nonfinite.value
+        what = {"skip": "their updates skipped", "zero": "their gradients zeroed", "ignore": "left as they were",
+                "raise": ""}[policy]
+        logger.warning("gradclip: step %d: %d step%s with NaN/Inf gradients since the last log, %s (nonfinite=%r).",
+                       step, count, "s" if count > 1 else "", what, policy)
+
+    def inject(self, logs: dict[str, Any], state: Any = None) -> dict[str, float]:
+        """Put the window metrics into a training ``logs`` dict (before the reporters see it)."""
+        if "loss" not in logs:
+            return {}
+        metrics = self.metrics(state)
+        if not metrics:
+            return {}
+        items = list(logs.items())
+        logs.clear()
+        for key, value in items:  # grad_norm right after loss, as the stock Trainer orders it
+            if key != "grad_norm":
+                logs[key] = value
+            if key == "loss":
+                logs["grad_norm"] = metrics["grad_norm"]
+        logs.update({k: v for k, v in metrics.items() if k != "grad_norm"})
+        if self.stop_reason is not None and not self.stop_logged:  # in the row of the stop step, with its loss
+            logs[STOP_KEY] = self.stop_reason
+            self.stop_logged = True
+        self.last_metrics = metrics
+        self._unreported = metrics
+        return metrics
+
+    def take_unreported(self) -> dict[str, float] | None:
+        """The metrics of the last logging step, once (for the W&B extras)."""
+        metrics, self._unreported = self._unreported, None
+        return metrics
+
+    def close(self) -> None:
+        """Train end (or any exit): the backend puts back what it changed (the gate off the optimizer); the counts
+        and spikes of a last window that was not logged are read (one transfer, and one more for the spike
+        messages if it had spikes)."""
+        self.backend.close()
+        if self.window.sums is not None:
+            counts = to_host({k: self.window.sums[k] for k in ("skipped", "nonfinite", "spikes")})
+            self.skipped_steps += int(counts["skipped"][0])
+            self.nonfinite_steps += int(counts["nonfinite"][0])
+            self.window.sums = None
+            if counts["nonfinite"][0]:
+                self._say_nonfinite(int(counts["nonfinite"][0]), int(getattr(self.state, "global_step", 0)))
+            if counts["spikes"][0] or counts["nonfinite"][0] or self.recorder.pending:
+                self._read_flagged()
+        self._write_stop()
+
+    def _read_flagged(self) -> None:
+        """Spike events, records and batches of the window, in ONE transfer: messages, then the JSONL."""
+        self._since_read = 0
+        values = to_host({**self.messages.tensors(), **self.recorder.tensors()})
+        action = self.actions.action.value
+        self.messages.show(values, action)
+        self.recorder.flush(values, self.spike_events, self.last_report.names if self.last_report else [], action,
+                            lambda s: self.clipper.base_threshold(max(s - 1, 0)))
+
+    def _write_stop(self) -> None:
+        """Once the pack stopped the run: its ``stop`` line in the spike file, after the events before it."""
+        actions = self.actions
+        if actions.stop_reason is not None and not self._stop_written:
+            self._stop_written = True
+            self.recorder.add_stop(actions.stop_step, actions.stop_kind, actions.stop_reason)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe: the clipper's statistics and the counters, and the options of the run (for readers such as
+        ``gradclip-hf report``; never loaded back: the options of the resumed run win)."""
+        state = {"clipper": self.clipper.state_dict(), "skipped_steps": self.skipped_steps,
+                 "rollbacks": self.actions.rollbacks, "events_seen": self.messages.seen,
+                 "watchdogs": self.actions.state_dict()}
+        if self.stop_reason is not None:  # why this run ended (read by people and reports; not loaded back)
+            state.update(stop_reason=self.stop_reason, stop_step=self.actions.stop_step)
+        if self.given_config is not None:
+            state["config"] = self.given_config.to_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        """Restore :meth:`state_dict`'s output, every field checked; ``StateError`` names the field, the value
+        and ``source`` (where it came from) and says how to start the statistics fresh (``reset_statistics``)."""
+        try:
+            if not isinstance(state, dict) or not isinstance(state.get("clipper"), dict):
+                raise StateError("clipper", state.get("clipper", state) if isinstance(state, dict) else state,
+                                 "present (a dict)")
+            try:
+                clipper_state = copy.deepcopy(state["clipper"])
+            except RecursionError:
+                raise StateError("clipper", "<nested too deeply>", "a clipper state") from None
+            try:
+                self.clipper.load_state_dict(clipper_state)
+            except StateError as error:
+                raise error.within("clipper") from None
+            counts = {key: state_field(state, key, check_int, low=0, high=2**53) if key in state else 0
+                      for key in ("skipped_steps", "rollbacks", "events_seen")}
+            _check_stop(state)  # the stop of the run that saved it: checked, not loaded (this run goes on)
+            watchdogs = state.get("watchdogs", {"nonfinite_run": 0, "loss_cap_run": 0})  # absent: saved before 24.6
+            if not isinstance(watchdogs, dict):
+                raise StateError("watchdogs", watchdogs, "a dict (the watchdogs' current runs) or absent")
+            try:
+                self.actions.load_state_dict(watchdogs)
+            except StateError as error:
+                raise error.within("watchdogs") from None
+            self.skipped_steps, self.actions.rollbacks, self.messages.seen = counts.values()
+        except StateError as error:
+            raise StateError(f"run.{error.field}", error.value, error.allowed, f"{source}; {RESET_HINT}") from None
+
+
+def _check_stop(state: dict[str, Any]) -> None:
+    reason, step = state.get("stop_reason"), state.get("stop_step")
+    if reason is not None and not isinstance(reason, str):
+        raise StateError("stop_reason", reason, "a str or absent")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 2**53):
+        raise StateError("stop_step", step, "an int >= 1 or absent")
