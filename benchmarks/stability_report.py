@@ -53,11 +53,13 @@ def _header(result: dict[str, Any]) -> list[str]:
         f"t-interval over seeds. Worst excursion: largest gap of the training loss to the clean run on the same "
         f"batch after the fault began (median over seeds); recover: steps after the fault until the {SMOOTH}-step "
         f"mean gap is within {int(RECOVER_TOL * 100)} % of the clean loss (median; 'never': not within the run). "
-        "Caught: share of fault steps flagged; clean skips: updates skipped in the clean run (false positives). "
+        "Caught: share of fault steps flagged or skipped; clean skips: updates skipped in the clean run (false "
+        "positives). "
         "Avoidable: the share of the avoidable damage removed, (stock's damage - damage) / (stock's damage - the "
         "oracle's damage) per seed, where `oracle` skips exactly the fault steps (1: as good as a perfect whole-step "
         "skip; above 1: better than any); micro: the same against `oracle_micro`, which drops exactly the bad "
-        "micro-batches.", ""]
+        "micro-batches; n/a: the avoidable damage (stock's minus the oracle's) is not above 0 or its interval reaches "
+        "0 (no share of it can be told). Caught counts listed, non-finite and spike skips alike.", ""]
 
 
 def _accumulation(result: dict[str, Any]) -> str:
@@ -94,6 +96,24 @@ def _overview(result: dict[str, Any], methods: list[str]) -> list[str]:
     return lines + [""]
 
 
+AVOIDABLE = {"avoidable": "oracle", "avoidable_micro": "oracle_micro"}  # row field: its oracle
+
+
+def _share(rows: dict[str, Any], method: str, field: str, spec: str = "+.2f") -> str:
+    """``rows[method][field]``, or "n/a" where the oracle's avoidable damage (stock's damage minus the oracle's) is
+    not above 0 on average or its interval reaches 0: no share of it can be told (a skip of a step that is mostly
+    good can cost more than its bad part does)."""
+    if field not in rows.get(method, {}):
+        return "-"
+    return "n/a" if _no_gap(rows[method].get(field + "_gap")) else _iv(rows[method][field], spec)
+
+
+def _no_gap(gap: dict[str, Any] | None) -> bool:
+    if not gap or not gap.get("n"):
+        return False
+    return gap["mean"] <= 0 or (gap["n"] >= 2 and math.isfinite(gap["low"]) and gap["low"] <= 0)
+
+
 def _avoidable(result: dict[str, Any], methods: list[str], faulty: list[str]) -> list[str]:
     lines: list[str] = []
     for field, oracle, what in (("avoidable", "oracle", "skips exactly the fault steps"),
@@ -108,7 +128,7 @@ def _avoidable(result: dict[str, Any], methods: list[str], faulty: list[str]) ->
                   "|---|---|---|" + "---|" * len(shown)]
         for sc in names:
             rows = result["table"][sc]
-            cells = [_iv(rows[m].get(field), "+.2f") for m in shown]
+            cells = [_share(rows, m, field) for m in shown]
             lines.append(f"| {sc} | {_iv(rows['stock'].get('damage'))} | {_iv(rows.get(oracle, {}).get('damage'))} | "
                          + " | ".join(cells) + " |")
     return lines
@@ -123,8 +143,8 @@ def _scenario(name: str, info: dict[str, Any], rows: dict[str, Any], labels: dic
              "worst excursion | recover |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in rows.items():
         lines.append(f"| {labels.get(m, m)} | {_iv(r.get('damage'))} | {_iv(r.get('vs_stock'))} | "
-                     f"{_iv(r.get('ratio'), '.2f')} | {_iv(r.get('avoidable'), '+.2f')} | "
-                     f"{_iv(r.get('avoidable_micro'), '+.2f')} | {_iv(r.get('fp_cost'))} | {r['diverged']}/{r['seeds']} | "
+                     f"{_iv(r.get('ratio'), '.2f')} | {_share(rows, m, 'avoidable')} | "
+                     f"{_share(rows, m, 'avoidable_micro')} | {_iv(r.get('fp_cost'))} | {r['diverged']}/{r['seeds']} | "
                      f"{_num(r['caught'], '.0%')} | {_num(r['clean_skips'], '.1f')} | "
                      f"{_num(r.get('worst_excursion'))} | {_num(r.get('recover'), '.0f')} |")
     return lines + [""]
@@ -249,7 +269,9 @@ def _readme_rows(result: dict[str, Any], main: str, peers: Sequence[str], seeds:
             continue
         stock, row = table["stock"], table[main]
         diverged = f" ({stock['diverged']}/{stock['seeds']} runs diverged)" if stock["diverged"] else ""
-        cells = [f"**{_pct(row.get('removed'), True)}**", _pct(row.get("avoidable"), True)]
+        field = "avoidable_micro" if "avoidable_micro" in row else "avoidable"
+        avoidable = "n/a" if _no_gap(row.get(field + "_gap")) else _pct(row.get(field), True)
+        cells = [f"**{_pct(row.get('removed'), True)}**", avoidable]
         cells += [_pct(table.get(p, {}).get("removed")) for p in peers]
         label = README_LABELS.get(sc, info["title"]) + seeds
         rows.append((row.get("removed", {}).get("mean", math.nan),
@@ -276,8 +298,9 @@ def readme_table(results: Sequence[dict[str, Any]], main: str = "recommended",
                  peers: Sequence[str] = ("olmo", "zclip")) -> str:
     """The README's "Does it help?" table from ``stability.py`` results (in order; within one result the faults
     by ``main``'s removed share, highest first): stock's damage, the share removed by ``main`` and the share of the
-    avoidable damage it removed (against the step oracle, where the result has it), the share removed by each
-    of ``peers``, and the false-positive cost per task."""
+    avoidable damage it removed (against the best oracle the result has: the micro-batch oracle, else the step
+    oracle; "n/a" where the avoidable damage is not resolved above 0), the share removed by each of ``peers``, and
+    the false-positive cost per task."""
     counts = {len(r["seeds"]) for r in results}
     same = len(counts) == 1
     head = f"fault ({counts.pop()} seeds)" if same else "fault"

@@ -4,10 +4,13 @@ Per method and scenario, paired per seed: ``damage`` (faulted minus clean eval l
 ``vs_stock`` (damage minus stock's damage), ``ratio`` (damage / stock's damage; ``removed`` = 1 - ratio),
 ``fp_cost`` (clean eval loss minus stock's clean eval loss: what the method costs when nothing goes
 wrong), each a mean with its 95 % t-interval; the median worst excursion and steps to recover; how
-many fault steps the method flagged, and how many steps it skipped in its clean run (false positives). Where the
+many fault steps the method flagged or skipped ("caught": a listed skip, a non-finite skip and a spike alike),
+and how many steps it skipped in its clean run (false positives). Where the
 scenario has an oracle's runs (``ORACLES``): ``avoidable`` = the share of the *avoidable* damage removed,
 ``(stock's damage - damage) / (stock's damage - the step oracle's damage)`` per seed (1: as good as skipping exactly
-the fault steps; above 1: better than any whole-step skip), and ``avoidable_micro`` against the micro-batch oracle.
+the fault steps; above 1: better than any whole-step skip), and ``avoidable_micro`` against the micro-batch oracle;
+``avoidable_gap`` / ``avoidable_micro_gap``: stock's damage minus the oracle's (paired), the avoidable damage itself
+(a share of it means little where this interval reaches 0).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ def _detection(records: list[dict[str, Any]]) -> dict[str, float]:
     flagged = [r["faulted"]["spike_steps"] for r in records]
     if any(f is None for f in flagged):
         return {"caught": math.nan, "clean_skips": math.nan}
-    hits = [len(set(f) & set(r["faulted"]["fault_steps"])) / max(1, len(r["faulted"]["fault_steps"]))
-            for f, r in zip(flagged, records)]
+    hits = [len((set(f) | set(r["faulted"]["skipped_steps"] or [])) & set(r["faulted"]["fault_steps"]))
+            / max(1, len(r["faulted"]["fault_steps"])) for f, r in zip(flagged, records)]
     skips = [len(r["clean"]["skipped_steps"] or []) for r in records]
     return {"caught": statistics.fmean(hits), "clean_skips": statistics.fmean(skips)}
 
@@ -74,6 +77,7 @@ def _row(records: list[dict[str, Any]], stock: list[dict[str, Any]] | None, faul
             row["removed"] = Interval(1 - r.mean, 1 - r.high, 1 - r.low, r.std, r.n)
             for field, runs in (oracles or {}).items():
                 row[field] = share_of_gap(dmg, stock_dmg, _damage(runs))
+                row[field + "_gap"] = paired(stock_dmg, _damage(runs))
     return row
 
 
