@@ -91,7 +91,7 @@ def code_from(ns: argparse.Namespace) -> dict[str, str]:
 def _compact(run: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "scenario", "task", "seed", "faulted", "fault_steps", "eval_loss", "spike_steps",
             "skipped_steps", "clip_rate", "seconds")
-    return {k: run[k] for k in keep}
+    return {k: run[k] for k in (*keep, "dropped_steps") if k in run}
 
 
 def _jsonable(table: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Per method and scenario, paired per seed: ``damage`` (faulted minus clean eval l
 ``vs_stock`` (damage minus stock's damage), ``ratio`` (damage / stock's damage; ``removed`` = 1 - ratio),
 ``fp_cost`` (clean eval loss minus stock's clean eval loss: what the method costs when nothing goes
 wrong), each a mean with its 95 % t-interval; the median worst excursion and steps to recover; how
-many fault steps the method flagged or skipped ("caught": a listed skip, a non-finite skip and a spike alike),
+many fault steps the method flagged, skipped or dropped a micro-batch of ("caught": a listed skip, a non-finite
+skip, a spike and a micro-batch gate's drop alike),
 and how many steps it skipped in its clean run (false positives). Where the
 scenario has an oracle's runs (``ORACLES``): ``avoidable`` = the share of the *avoidable* damage removed,
 ``(stock's damage - damage) / (stock's damage - the step oracle's damage)`` per seed (1: as good as skipping exactly
@@ -42,8 +43,10 @@ def _detection(records: list[dict[str, Any]]) -> dict[str, float]:
     flagged = [r["faulted"]["spike_steps"] for r in records]
     if any(f is None for f in flagged):
         return {"caught": math.nan, "clean_skips": math.nan}
-    hits = [len((set(f) | set(r["faulted"]["skipped_steps"] or [])) & set(r["faulted"]["fault_steps"]))
-            / max(1, len(r["faulted"]["fault_steps"])) for f, r in zip(flagged, records)]
+    acted = [set(f) | set(r["faulted"]["skipped_steps"] or []) | set(r["faulted"].get("dropped_steps") or [])
+             for f, r in zip(flagged, records)]
+    hits = [len(a & set(r["faulted"]["fault_steps"])) / max(1, len(r["faulted"]["fault_steps"]))
+            for a, r in zip(acted, records)]
     skips = [len(r["clean"]["skipped_steps"] or []) for r in records]
     return {"caught": statistics.fmean(hits), "clean_skips": statistics.fmean(skips)}
 
