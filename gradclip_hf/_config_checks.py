@@ -49,6 +49,10 @@ def check_combinations(c: Any) -> None:
     if c.spike_detection == SpikeDetection.OFF.value and c.spike_action != SpikeAction.TIGHTEN.value:
         raise OptionError("spike_action", c.spike_action, "'tighten' while spike_detection is 'off'",
                           "Set spike_detection to 'loss', 'norm' or 'both' to act on spikes.")
+    if c.spike_gate != "step" and c.spike_detection not in (SpikeDetection.LOSS.value, SpikeDetection.BOTH.value):
+        raise OptionError("spike_gate", c.spike_gate, "'step' while spike_detection is "
+                          f"{c.spike_detection!r}", "The micro-batch gate judges losses: set spike_detection to "
+                          "'loss' or 'both'.")
     _check_schedule(c)
 
 

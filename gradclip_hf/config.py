@@ -36,12 +36,12 @@ from .core import (AGC, Cosine, GradClipper, Linear, MeasureOnly, NonFinitePolic
                    Piecewise, QuantileClip, SpikeAction, SpikeController, SpikeMethod, ValueClip, Warmup, ZScoreClip)
 from .core._checks import UnknownOptionError, check_bool, check_norm_type, check_number, check_patterns
 from .core.adaptive import ZScoreClipOption, ZScoreMode
-from .options import (Apply, ScheduleName, SpikeDetection, SpikeFilePath, Strategy, choice, choices, display_name,
-                      floats, integer, ints, option, option_names, positive, spike_file, unit)
+from .options import (Apply, ScheduleName, SpikeDetection, SpikeFilePath, SpikeGate, Strategy, choice, choices,
+                      display_name, floats, integer, ints, option, option_names, positive, spike_file, unit)
 from .spikefile import SkipList, read_skip_list
 
-__all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "Apply", "OPTION_CHECKS", "option_names",
-           "check_max_grad_norm", "choices"]
+__all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "SpikeGate", "Apply", "OPTION_CHECKS",
+           "option_names", "check_max_grad_norm", "choices"]
 
 _pos, _pos_opt = positive(), positive(optional=True)
 
@@ -108,6 +108,14 @@ class ClipConfig:
     spike_action: str = option("tighten", "On a spike, besides tightening: 'tighten' only, 'skip' the update, "
                                "'rollback' to the last in-memory snapshot, or 'stop' training.",
                                choice(SpikeAction), SpikeAction)
+    spike_gate: str = option("step", "Where a loss spike is judged: 'step' (the step loss; spike_action acts on "
+                             "the whole update), or 'micro_batch' (needs spike_detection 'loss' or 'both'): each "
+                             "micro-batch's loss against its own baseline, before its backward; a spiking micro-batch "
+                             "is dropped (backward on loss x 0), the update is the mean of the kept micro-batches (by "
+                             "tokens when the Trainer counts them), and skipped only when none is kept; spike_action "
+                             "acts on what the step still flags (the kept loss, the gradient norm). With one "
+                             "micro-batch per step: the same as 'step' with spike_action 'skip'.",
+                             choice(SpikeGate), SpikeGate)
     spike_adapt_after: int = option(10, "Consecutive spikes after which the detectors take the new level in (a lasting "
                                     "shift of the loss is followed instead of flagged for ever).", integer(1))
     spike_factor: float = option(0.5, "Threshold multiplier on each spike, in (0, 1]; 1 never tightens.", unit())
@@ -229,12 +237,19 @@ class ClipConfig:
                               "scales.")
         return math.inf
 
-    def build(self, total_steps: Optional[int] = None, max_grad_norm: Optional[float] = None) -> GradClipper:
-        """A fresh :class:`GradClipper` for a run of ``total_steps`` optimizer steps."""
+    def build(self, total_steps: Optional[int] = None, max_grad_norm: Optional[float] = None,
+              micro_batches: int = 1) -> GradClipper:
+        """A fresh :class:`GradClipper` for a run of ``total_steps`` optimizer steps of ``micro_batches``
+        micro-batches each (gradient accumulation steps: the micro-batch gate's time constants)."""
         threshold = self.resolved_threshold(max_grad_norm)
         return GradClipper(_STRATEGIES[self.strategy](self, threshold), _schedule(self, threshold, total_steps),
                            exclude=self.exclude, include=self.include, nonfinite=self.nonfinite,
-                           spikes=self.build_spikes())
+                           spikes=self.build_spikes(micro_batches))
+
+    @property
+    def gates_micro_batches(self) -> bool:
+        """Whether each micro-batch's loss is judged before its backward (``spike_gate="micro_batch"``)."""
+        return self.spike_gate == SpikeGate.MICRO_BATCH.value
 
     def steps_to_skip(self) -> frozenset[int]:
         """``skip_steps`` and the steps of ``skip_steps_from`` (read once, when the option was set)."""
@@ -250,8 +265,9 @@ class ClipConfig:
             return SkipList()
         return path.skip if isinstance(path, SpikeFilePath) else read_skip_list(path)
 
-    def build_spikes(self) -> Optional[SpikeController]:
-        """The spike controller, ``None`` when ``spike_detection="off"``."""
+    def build_spikes(self, micro_batches: int = 1) -> Optional[SpikeController]:
+        """The spike controller, ``None`` when ``spike_detection="off"``; with its micro-batch gate for steps of
+        ``micro_batches`` micro-batches when ``spike_gate="micro_batch"``."""
         if self.spike_detection == SpikeDetection.OFF.value:
             return None
         both = SpikeDetection.BOTH.value
@@ -260,7 +276,7 @@ class ClipConfig:
             detect_norm=self.spike_detection in (SpikeDetection.NORM.value, both),
             z=self.spike_z, norm_z=self.spike_norm_z, ratio=self.spike_ratio, warmup_steps=self.spike_warmup_steps,
             method=self.spike_method, window=max(100, self.spike_warmup_steps), action=self.spike_action,
-            adapt_after=self.spike_adapt_after,
+            adapt_after=self.spike_adapt_after, micro_batches=micro_batches if self.gates_micro_batches else None,
             spike_factor=self.spike_factor, relax_half_life=self.spike_relax_half_life,
             min_factor=self.spike_min_factor)
 

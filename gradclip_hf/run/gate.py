@@ -69,6 +69,13 @@ class StepGate:
             raise ValueError("A clip multiplier can only be handed to a fused optimizer; clip in place instead.")
         self._armed = _Decision(coef, skip, skip_now)
 
+    def hold(self) -> None:
+        """Skip the coming ``step()`` whole, with no clip (a step whose batches were not computed): a fused
+        optimizer gets ``found_inf = 1`` (on the device of its first parameter), any other its gradients hidden."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        skip = torch.ones((), dtype=torch.bool, device=params[0].device) if params and self.fused else None
+        self._armed = _Decision(None, skip, True)
+
     def disarm(self) -> None:
         self._armed = None
 
