@@ -125,7 +125,8 @@ class ClipConfig:
     spike_snapshot_every: int = option(50, "Clean steps between in-memory snapshots (spike_action='rollback').",
                                        integer(1))
     skip_steps: list[int] = option([], "Optimizer steps (numbered from 1, as train/global_step logs them) whose update "
-                                   "is skipped: their batches are still consumed, so the data order stays the same.",
+                                   "is skipped: through the Trainer their batches are consumed without being computed (no forward, no backward), "
+                                   "so the data order stays the same.",
                                    ints)
     skip_steps_from: Optional[str] = option(None, "A gradclip_spikes.jsonl written by an earlier run: skip the update "
                                             "of every spike and non-finite step it lists (resume from a checkpoint "

@@ -41,7 +41,7 @@ def check_start(listed: frozenset[int], start: int, max_steps: int, resume_arg: 
     if ahead:
         plural = "s" if len(ahead) > 1 else ""
         logger.info("gradclip: the skip list (clip_skip_steps / clip_skip_steps_from) skips the update%s of step%s "
-                    "%s (%d in all); their batches are still consumed, so the data order stays the same.",
+                    "%s (%d in all); their batches are consumed without being computed, so the data order stays the same.",
                     plural, plural, step_ranges(ahead, limit=8), len(ahead))
     if start == 0 and resume_arg:
         logger.warning("gradclip: TrainingArguments.resume_from_checkpoint=%r is set, but training starts at step 0: "
