@@ -93,7 +93,8 @@ def test_a_logged_window_with_a_listed_step_shows_the_mean_of_its_computed_steps
     per_step = {h["step"]: h["loss"] for h in train_logs(every)}
     rows = {h["step"]: h for h in train_logs(window)}
     assert sorted(rows) == [4, 8, 12]
-    assert rows[4]["loss"] == pytest.approx(sum(per_step[s] for s in (1, 2, 3, 4)) / 4, rel=1e-6)
-    assert rows[8]["loss"] == pytest.approx((per_step[7] + per_step[8]) / 2, rel=1e-6)  # steps 5 and 6 listed
+    near = dict(rel=1e-6, abs=2e-4)  # transformers 4.57 logs the loss rounded to 4 decimals
+    assert rows[4]["loss"] == pytest.approx(sum(per_step[s] for s in (1, 2, 3, 4)) / 4, **near)
+    assert rows[8]["loss"] == pytest.approx((per_step[7] + per_step[8]) / 2, **near)  # steps 5 and 6 listed
     assert rows[8]["gradclip/listed_steps"] == 2 and rows[8]["gradclip/skipped_steps"] == 2
     assert "gradclip/listed_steps" not in rows[4] and "gradclip/listed_steps" not in rows[12]

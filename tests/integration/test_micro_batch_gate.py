@@ -22,12 +22,13 @@ from transformers import Trainer  # noqa: E402
 
 from gradclip_hf.config import ClipConfig  # noqa: E402
 from gradclip_hf.integrations.accelerate import AcceleratorClipper  # noqa: E402
-from gradclip_hf.integrations.transformers import GradClipCallback, GradClipTrainer, compat  # noqa: E402
+from gradclip_hf.integrations.transformers import GradClipCallback, GradClipMixin, GradClipTrainer, compat  # noqa: E402
 from gradclip_hf.standins import SpikyByteStream, rare_byte_block, tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.slow
 GA, BATCH, STEP, POSITION, LR = 4, 2, 10, 1, 0.05  # the bad micro-batch: position 1 of step 10 (0-based)
 BAD = [(STEP * GA + POSITION) * BATCH + i for i in range(BATCH)]
+SHIFTED = int(transformers.__version__.split(".")[0]) >= 5  # 5.x counts a causal LM's tokens after the shift
 GATE = dict(threshold=1e6, spike_detection="loss", spike_gate="micro_batch", spike_action="skip", spike_factor=1.0,
             spike_warmup_steps=3, spike_ratio=1.15)  # early training: the baseline still falls
 
@@ -50,18 +51,29 @@ class GarbageAt(torch.utils.data.Dataset):
         return {**item, "labels": labels}
 
 
+class InOrder(Trainer):
+    """The dataset in its order (``train_sampling_strategy="sequential"`` is transformers 5 only)."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+class GradClipInOrder(GradClipMixin, InOrder):
+    pass
+
+
 def gated_run(tmp_path, data, entry="mixin", by="tokens", fused=True, gate=True, **extra):
     """A run of ``STEP + 2`` steps (SGD, no clipping); returns the Trainer and a recorder of its weights."""
     model = tiny_llama(0)
     options = dict(GATE, **({} if gate else {"spike_gate": "step", "spike_action": "tighten"}))
     args = make_args(tmp_path, max_steps=STEP + 2, per_device_train_batch_size=BATCH, gradient_accumulation_steps=GA,
-                     train_sampling_strategy="sequential", learning_rate=LR, **extra)
+                     learning_rate=LR, **extra)
     optimizers = (torch.optim.SGD(model.parameters(), lr=LR, fused=fused), None)
     if entry == "mixin":
-        trainer = GradClipTrainer(model=model, args=args, train_dataset=data, optimizers=optimizers,
+        trainer = GradClipInOrder(model=model, args=args, train_dataset=data, optimizers=optimizers,
                                   clip_config=ClipConfig(**options))
     else:
-        trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=optimizers,
+        trainer = InOrder(model=model, args=args, train_dataset=data, optimizers=optimizers,
                           callbacks=[GradClipCallback(ClipConfig(**options))])
     if by == "count":
         trainer.model_accepts_loss_kwargs = False  # the Trainer then divides each micro-batch's mean loss by GA
@@ -73,7 +85,7 @@ def gated_run(tmp_path, data, entry="mixin", by="tokens", fused=True, gate=True,
 
 def kept_gradient(weights, data, by):
     """The gradient, at ``weights``, of step ``STEP`` made of its kept micro-batches only: their token-weighted
-    mean loss (a causal LM's tokens: labels shifted by one), or the mean of their mean losses."""
+    mean loss (counted as the Trainer counts ``num_items_in_batch``), or the mean of their mean losses."""
     model = tiny_llama(0)
     with torch.no_grad():
         for p, w in zip(model.parameters(), weights):
@@ -84,7 +96,7 @@ def kept_gradient(weights, data, by):
             items = [data[(STEP * GA + position) * BATCH + i] for i in range(BATCH)]
             micro_batches.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
     if by == "tokens":
-        tokens = sum(int((b["labels"][..., 1:] != -100).sum()) for b in micro_batches)
+        tokens = sum(int((b["labels"][..., 1 if SHIFTED else 0:] != -100).sum()) for b in micro_batches)
         loss = sum(model(**b, num_items_in_batch=tokens).loss for b in micro_batches)
     else:
         loss = sum(model(**b).loss for b in micro_batches) / len(micro_batches)
