@@ -102,7 +102,13 @@ class ClipConfig:
     spike_norm_z: Optional[float] = option(None, "z of the gradient-norm detector (default: spike_z).", _pos_opt)
     spike_ratio: Optional[float] = option(None, "Also a spike: a value above spike_ratio x its baseline (> 1).",
                                           lambda n, v: check_number(n, v, low=1.0, low_inclusive=False, optional=True))
-    spike_warmup_steps: int = option(20, "Steps observed before spikes are flagged.", integer(2))
+    spike_warmup_steps: int = option(20, "Steps observed before the running statistics flag spikes (the early rule, "
+                                     "spike_early, flags from the 7th step on).", integer(2))
+    spike_early: bool = option(True, "Loss detection also judges each loss against a baseline that follows a "
+                               "falling loss (the 25th percentile of its last 8 values, the noise of its step-to-step "
+                               "changes): a spike when more than spike_z of that noise and 1.5x above it, from the 7th "
+                               "step on. Catches a 2x jump early in training, where the running statistics still "
+                               "carry the steep start; False: the running statistics only.", check_bool)
     spike_method: str = option("ema", "Running statistics: 'ema' (mean/variance) or 'mad' (median/MAD of the last "
                                "max(100, spike_warmup_steps) steps).", choice(SpikeMethod), SpikeMethod)
     spike_action: str = option("tighten", "On a spike, besides tightening: 'tighten' only, 'skip' the update, "
@@ -278,6 +284,7 @@ class ClipConfig:
             z=self.spike_z, norm_z=self.spike_norm_z, ratio=self.spike_ratio, warmup_steps=self.spike_warmup_steps,
             method=self.spike_method, window=max(100, self.spike_warmup_steps), action=self.spike_action,
             adapt_after=self.spike_adapt_after, micro_batches=micro_batches if self.gates_micro_batches else None,
+            early=self.spike_early,
             spike_factor=self.spike_factor, relax_half_life=self.spike_relax_half_life,
             min_factor=self.spike_min_factor)
 

@@ -230,6 +230,7 @@ class SpikeController(DeviceState):
             this many micro-batches: its detector has the loss detector's settings with its time constants
             (warmup, EMA memory, MAD window, ``adapt_after``) counted in steps of that many micro-batches;
             ``None``: no gate (a loss spike is the step's).
+        early: the loss detectors' early-training rule (:class:`SpikeDetector`, ``early``); not the norm's.
     """
 
     def __init__(self, *, detect_loss: bool = True, detect_norm: bool = True, z: float = 6.0,
@@ -237,7 +238,7 @@ class SpikeController(DeviceState):
                  method: str = "ema", alpha: float = 0.9, window: int = 100, action: str = "tighten",
                  spike_factor: float = 0.5, relax_half_life: float = 20.0, min_factor: float = 0.05,
                  max_events: int = 256, reduce: bool = True, adapt_after: int = 10,
-                 micro_batches: int | None = None):
+                 micro_batches: int | None = None, early: bool = True):
         if not (detect_loss or detect_norm):
             raise ValueError("SpikeController needs `detect_loss` or `detect_norm` (both are False).")
         if micro_batches is not None and not detect_loss:
@@ -251,10 +252,10 @@ class SpikeController(DeviceState):
         self.reduce = bool(reduce)
         common = {"ratio": ratio, "warmup_steps": warmup_steps, "method": method, "alpha": alpha, "window": window,
                   "adapt_after": adapt_after}
-        self.loss_detector = SpikeDetector(z=z, **common) if detect_loss else None
+        self.loss_detector = SpikeDetector(z=z, early=early, **common) if detect_loss else None
         self.norm_detector = SpikeDetector(z=z if norm_z is None else norm_z, **common) if detect_norm else None
         self.gate = None if micro_batches is None else MicroBatchGate(
-            SpikeDetector(z=z, **per_micro_batch(common, check_int("micro_batches", micro_batches, low=1))),
+            SpikeDetector(z=z, early=early, **per_micro_batch(common, check_int("micro_batches", micro_batches, low=1))),
             reduce=self.reduce)
         self.events = EventLog(_EVENT_FIELDS, self.max_events)
         self._relax = 0.5 ** (1.0 / self.relax_half_life)
