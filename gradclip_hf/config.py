@@ -35,6 +35,7 @@ from ._config_checks import check_combinations, check_max_grad_norm, ignored_opt
 from .core import (AGC, Cosine, GradClipper, Linear, MeasureOnly, NonFinitePolicy, NormClip, OptionError,
                    Piecewise, QuantileClip, SpikeAction, SpikeController, SpikeMethod, ValueClip, Warmup, ZScoreClip)
 from .core._checks import UnknownOptionError, check_bool, check_norm_type, check_number, check_patterns
+from .core.lrguard import LRGuard
 from .core.adaptive import ZScoreClipOption, ZScoreMode
 from .options import (Apply, ScheduleName, SpikeDetection, SpikeFilePath, SpikeGate, Strategy, choice, choices,
                       display_name, floats, integer, ints, option, option_names, positive, spike_file, unit)
@@ -140,6 +141,13 @@ class ClipConfig:
     loss_cap: Optional[float] = option(None, "Loss watchdog: stop training when the step loss stays above this (or "
                                        "is NaN/Inf) for loss_cap_patience steps in a row.", _pos_opt)
     loss_cap_patience: int = option(1, "Steps in a row above loss_cap before the watchdog stops training.", integer(1))
+    lr_guard: Optional[float] = option(None, "Learning-rate guard: cap each update's learning rate at this many times "
+                                       "its running average (the mean of the first 20 steps, then an EMA, alpha "
+                                       "0.9; no cap before step 21), e.g. 2. Against a learning-rate mistake (a "
+                                       "scheduler restarted at its peak, a wrong multiplier). A capped step enters "
+                                       "the average at its capped value: an intended rise (a warm restart) is "
+                                       "followed: a jump to 10x is reached in 17 steps with 2. None: off.",
+                                       lambda n, v: check_number(n, v, low=1.0, low_inclusive=False, optional=True))
     log_layers_top_k: int = option(8, "Log the pre-clip norms of the k layers with the largest norms "
                                    "(gradclip/layer/<name>; W&B and TensorBoard only, not the console); 0 for none.",
                                    integer(0))
@@ -271,6 +279,10 @@ class ClipConfig:
         if not path:
             return SkipList()
         return path.skip if isinstance(path, SpikeFilePath) else read_skip_list(path)
+
+    def build_lr_guard(self) -> Optional[LRGuard]:
+        """The learning-rate guard, ``None`` when ``lr_guard`` is unset."""
+        return None if self.lr_guard is None else LRGuard(cap=self.lr_guard)
 
     def build_spikes(self, micro_batches: int = 1) -> Optional[SpikeController]:
         """The spike controller, ``None`` when ``spike_detection="off"``; with its micro-batch gate for steps of

@@ -83,6 +83,13 @@ class StepBackend:
     def hold(self) -> None:
         """Hold back the coming update whole, with no report (a listed step whose batches were not computed)."""
 
+    def guard_lr(self, guard: Any) -> None:
+        """Cap the learning rate of each update with ``guard`` (a :class:`~gradclip_hf.core.LRGuard`) inside the
+        optimizer's step; a backend whose optimizer steps elsewhere refuses (``ValueError`` with the fix)."""
+        raise ValueError(f"lr_guard caps the learning rate inside the optimizer's step, which the {self.name} path "
+                         f"does not reach (its engine steps inside backward()): leave lr_guard unset, or train "
+                         f"without DeepSpeed (DDP or FSDP2).")
+
     def nonfinite_skip(self, report: ClipReport) -> Tensor:
         """Whether this path skips the update of a step with a NaN/Inf gradient (device flag)."""
         return report.nonfinite if self.guard else torch.zeros_like(report.nonfinite)
@@ -135,6 +142,12 @@ class LocalStep(StepBackend):
     def hold(self) -> None:
         if self.gate is not None:
             self.gate.hold()
+
+    def guard_lr(self, guard: Any) -> None:
+        if self.gate is None:
+            raise ValueError("lr_guard needs the optimizer (a torch optimizer whose step() the pack hooks): pass it "
+                             "to the run, or leave lr_guard unset.")
+        self.gate.lr_guard = guard
 
     def apply(self, report: ClipReport, skip: Tensor, skip_now: bool) -> None:
         coef = self.clipper.apply_(report, hand_off=self.hand_off)

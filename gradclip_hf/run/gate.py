@@ -56,6 +56,8 @@ class StepGate:
         self.optimizer = optimizer
         self.fused = supports_grad_scale(optimizer)
         self._armed: _Decision | None = None
+        self.lr_guard: Any = None  # a core LRGuard: caps the learning rates of the steps the gate is armed for
+        self._lr_saved: list[tuple[dict, Any]] = []
         self._restore: list[tuple[str, Any]] = []
         self._hidden: list[tuple[Tensor, Tensor]] = []
         self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
@@ -90,6 +92,8 @@ class StepGate:
         decision, self._armed = self._armed, None
         if decision is None:
             return
+        if self.lr_guard is not None:
+            self._lr_saved = self.lr_guard.before_step(optimizer)
         if self.fused:
             self._set_fused(optimizer, decision)
         elif decision.skip_now:
@@ -103,7 +107,9 @@ class StepGate:
                 setattr(optimizer, name, value)
         for param, grad in self._hidden:
             param.grad = grad
-        self._restore, self._hidden = [], []
+        if self._lr_saved:
+            self.lr_guard.after_step(self._lr_saved)
+        self._restore, self._hidden, self._lr_saved = [], [], []
 
     def _set(self, optimizer: Any, name: str, value: Tensor) -> None:
         self._restore.append((name, getattr(optimizer, name, _UNSET)))

@@ -9,12 +9,10 @@ logged, read in one transfer per logging step) and the reporting (spike messages
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 from ..config import ClipConfig
-from ..core import ClipReport, GradClipper, SpikeEvent, StateError
-from ..core._checks import check_int, state_field
+from ..core import ClipReport, GradClipper, SpikeEvent
 from ..core._state import to_host
 from .actions import StepActions, logger
 from .backends import LocalStep, StepBackend
@@ -23,11 +21,10 @@ from .messages import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages, describe
 from .metrics import MetricsWindow, StepLoss
 from .records import EventRecorder
 from .skiplists import Uncomputed, check_batch, check_start
+from .state import RESET_HINT, load_run_state, run_state
 
 __all__ = ["ClipRun", "RESET_HINT", "STOP_KEY"]
 
-RESET_HINT = ("to start the statistics fresh instead, set reset_statistics=True (clip_reset_statistics in "
-              "GradClipTrainingArguments, on the command line and in the Axolotl YAML)")
 STOP_KEY = "gradclip/stop_reason"  # in the log row of the step the pack stopped the run at
 CAPACITY = 256  # flagged steps the device rings hold between two reads
 
@@ -62,6 +59,10 @@ class ClipRun:
             self.backend: StepBackend = LocalStep(self.clipper, optimizer, hand_off=self.config.defers_to_optimizer)
         else:
             self.backend = backend(self.clipper)
+        self.lr_guard = self.config.build_lr_guard()
+        if self.lr_guard is not None:
+            self.backend.guard_lr(self.lr_guard)
+        self._lr_capped_seen = 0
         self.actions = StepActions(self.clipper, self.config, self.backend, owner)
         self.skip_prints = self.config.skip_fingerprints() if clipper is None else {}
         self.main_process = bool(getattr(state, "is_world_process_zero", True))
@@ -247,6 +248,8 @@ class ClipRun:
             named["spike_layers"] = spike_vector
         values = to_host(named)
         out = self.window.metrics(values, with_spikes=r.spike is not None)
+        if self.lr_guard is not None:
+            out["gradclip/lr_capped"] = self._lr_capped(int(state.global_step) if state is not None else None)
         self.skipped_steps += out["gradclip/skipped_steps"]
         self.nonfinite_steps += out["gradclip/nonfinite_steps"]
         if out["gradclip/nonfinite_steps"] and state is not None:
@@ -266,6 +269,17 @@ class ClipRun:
                                                            self.layers.top_k)
                 out.update({SPIKE_LAYER_PREFIX + n: v for n, v in self.last_spike_layers})
         return out
+
+    def _lr_capped(self, step: int | None) -> int:
+        """Steps whose learning rate the guard capped since the last call (host counts), said once per call."""
+        capped, self._lr_capped_seen = self.lr_guard.capped - self._lr_capped_seen, self.lr_guard.capped
+        if capped:
+            limit = self.lr_guard.limit()
+            logger.warning("gradclip: %s%d step%s with the learning rate capped since the last log (lr_guard=%g: at "
+                           "most %g x its running average%s).", "" if step is None else f"step {step}: ", capped,
+                           "s" if capped > 1 else "", self.lr_guard.cap, self.lr_guard.cap,
+                           "" if limit is None else f", now {limit:.3g}")
+        return capped
 
     def _say_nonfinite(self, count: int, step: int) -> None:
         policy = self.clipper.nonfinite.value
@@ -345,50 +359,10 @@ class ClipRun:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """JSON-safe: the clipper's statistics and the counters, and the options of the run (for readers such as
-        ``gradclip-hf report``; never loaded back: the options of the resumed run win)."""
-        state = {"clipper": self.clipper.state_dict(), "skipped_steps": self.skipped_steps,
-                 "rollbacks": self.actions.rollbacks, "events_seen": self.messages.seen,
-                 "watchdogs": self.actions.state_dict()}
-        if self.stop_reason is not None:  # why this run ended (read by people and reports; not loaded back)
-            state.update(stop_reason=self.stop_reason, stop_step=self.actions.stop_step)
-        if self.given_config is not None:
-            state["config"] = self.given_config.to_dict()
-        return state
+        """JSON-safe: the statistics and the counters, and the options of the run (:mod:`.state`)."""
+        return run_state(self)
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        """Restore :meth:`state_dict`'s output, every field checked; ``StateError`` names the field, the value
-        and ``source`` (where it came from) and says how to start the statistics fresh (``reset_statistics``)."""
-        try:
-            if not isinstance(state, dict) or not isinstance(state.get("clipper"), dict):
-                raise StateError("clipper", state.get("clipper", state) if isinstance(state, dict) else state,
-                                 "present (a dict)")
-            try:
-                clipper_state = copy.deepcopy(state["clipper"])
-            except RecursionError:
-                raise StateError("clipper", "<nested too deeply>", "a clipper state") from None
-            try:
-                self.clipper.load_state_dict(clipper_state)
-            except StateError as error:
-                raise error.within("clipper") from None
-            counts = {key: state_field(state, key, check_int, low=0, high=2**53) if key in state else 0
-                      for key in ("skipped_steps", "rollbacks", "events_seen")}
-            _check_stop(state)  # the stop of the run that saved it: checked, not loaded (this run goes on)
-            watchdogs = state.get("watchdogs", {"nonfinite_run": 0, "loss_cap_run": 0})  # absent: saved before 24.6
-            if not isinstance(watchdogs, dict):
-                raise StateError("watchdogs", watchdogs, "a dict (the watchdogs' current runs) or absent")
-            try:
-                self.actions.load_state_dict(watchdogs)
-            except StateError as error:
-                raise error.within("watchdogs") from None
-            self.skipped_steps, self.actions.rollbacks, self.messages.seen = counts.values()
-        except StateError as error:
-            raise StateError(f"run.{error.field}", error.value, error.allowed, f"{source}; {RESET_HINT}") from None
-
-
-def _check_stop(state: dict[str, Any]) -> None:
-    reason, step = state.get("stop_reason"), state.get("stop_step")
-    if reason is not None and not isinstance(reason, str):
-        raise StateError("stop_reason", reason, "a str or absent")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 2**53):
-        raise StateError("stop_step", step, "an int >= 1 or absent")
+        """Restore :meth:`state_dict`'s output, every field checked (:func:`.state.load_run_state`)."""
+        load_run_state(self, state, source)
+        self._lr_capped_seen = self.lr_guard.capped if self.lr_guard is not None else 0
