@@ -116,6 +116,18 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     _pack("n_skip_both_f1_z8", "norm + loss/norm skip, f 1, z 8", **_N, **_BOTH, spike_factor=1.0, spike_z=8.0),
     _pack("n_skip_both_f1_w50", "norm + loss/norm skip, f 1, warmup 50", **_N, **_BOTH, spike_factor=1.0,
           spike_warmup_steps=50),
+    # issue 25: the micro-batch gate (each micro-batch judged before its backward; the step skipped only when none
+    # is kept); with one micro-batch per step it is the step skip
+    _pack("rec_gate", "recommended() + micro-batch gate", **_N, **_SKIP, spike_factor=1.0, spike_adapt_after=50,
+          spike_gate="micro_batch"),
+    _pack("n_skip_f1_gate", "norm + loss skip, f 1, micro-batch gate", **_N, **_SKIP, spike_factor=1.0,
+          spike_gate="micro_batch"),
+    # issue 25.5 / 25.6: recommended() without the early-training rule (as before 25.5), and with the
+    # learning-rate guard (each step's learning rate capped at 2x its running average)
+    _pack("rec_no_early", "recommended() without the early rule", **_N, **_SKIP, spike_factor=1.0,
+          spike_adapt_after=50, spike_early=False),
+    _pack("rec_lrguard", "recommended() + lr_guard 2", **_N, **_SKIP, spike_factor=1.0, spike_adapt_after=50,
+          lr_guard=2.0),
 ]}
 
 

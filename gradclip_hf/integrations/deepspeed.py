@@ -77,6 +77,9 @@ def _check_config(c: ClipConfig, refuse: Any) -> None:
                f"and its weights and optimizer state cannot be left unchanged",
                f"Use spike_action='tighten' with spike_factor below 1, e.g. 0.5 (the spike step's threshold is "
                f"tightened; ClipConfig.recommended() has 1), or 'stop', {_INSTEAD}.")
+    if c.spike_gate != "step":
+        refuse(f"spike_gate={c.spike_gate!r} is not supported on the engine's path yet (it averages by the full "
+               f"accumulation steps inside its step)", f"Use spike_gate='step', {_INSTEAD}.")
     if c.skip_steps or c.skip_steps_from:
         refuse("skip_steps / skip_steps_from cannot be done faithfully: the engine steps inside backward()",
                f"Leave them unset (resume from a checkpoint before the bad steps with the batches removed), {_INSTEAD}.")
