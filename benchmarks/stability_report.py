@@ -261,12 +261,14 @@ def _pct(d: dict[str, Any] | None, interval: bool = False) -> str:
     return text
 
 
-def _readme_rows(result: dict[str, Any], main: str, peers: Sequence[str], seeds: str) -> list[tuple[float, str]]:
+def _readme_rows(result: dict[str, Any], main: str, peers: Sequence[str], seeds: str,
+                 shown: set[str]) -> list[tuple[float, str]]:
     rows = []
     for sc, info in result["scenarios"].items():
         table = result["table"][sc]
-        if info["fault"] == "none" or main not in table or "stock" not in table:
+        if info["fault"] == "none" or main not in table or "stock" not in table or sc in shown:
             continue
+        shown.add(sc)
         stock, row = table["stock"], table[main]
         diverged = f" ({stock['diverged']}/{stock['seeds']} runs diverged)" if stock["diverged"] else ""
         field = "avoidable_micro" if "avoidable_micro" in row else "avoidable"
@@ -286,8 +288,8 @@ def _fp_row(results: Sequence[dict[str, Any]], main: str, peers: Sequence[str]) 
             tasks.setdefault(info["task"], result["table"][sc])
 
     def cell(m: str) -> str:
-        values = [rows[m]["fp_cost"]["mean"] for rows in tasks.values() if "fp_cost" in rows.get(m, {})]
-        return " / ".join(f"{v:+.4f}" for v in values) or "-"
+        values = [rows[m]["fp_cost"]["mean"] if "fp_cost" in rows.get(m, {}) else None for rows in tasks.values()]
+        return " / ".join("-" if v is None else f"{v:+.4f}" for v in values)
 
     names = " / ".join(tasks)
     return (f"| false-positive cost (clean {names} runs) | | **{cell(main)}** | | "
@@ -297,7 +299,7 @@ def _fp_row(results: Sequence[dict[str, Any]], main: str, peers: Sequence[str]) 
 def readme_table(results: Sequence[dict[str, Any]], main: str = "recommended",
                  peers: Sequence[str] = ("olmo", "zclip")) -> str:
     """The README's "Does it help?" table from ``stability.py`` results (in order; within one result the faults
-    by ``main``'s removed share, highest first): stock's damage, the share removed by ``main`` and the share of the
+    by ``main``'s removed share, highest first; a fault in several results: the first one's row): stock's damage, the share removed by ``main`` and the share of the
     avoidable damage it removed (against the best oracle the result has: the micro-batch oracle, else the step
     oracle; "n/a" where the avoidable damage is not resolved above 0), the share removed by each of ``peers``, and
     the false-positive cost per task."""
@@ -307,9 +309,10 @@ def readme_table(results: Sequence[dict[str, Any]], main: str = "recommended",
     label = METHOD_LABELS.get(main, f"`{main}`")
     lines = [f"| {head} | stock's damage | removed by {label} | avoidable damage removed by {label} | "
              + " | ".join(METHOD_LABELS.get(p, p) for p in peers) + " |", "|---|---|---|---|" + "---|" * len(peers)]
+    shown: set[str] = set()  # a fault in several results: the first one's row
     for result in results:
         seeds = "" if same else f" ({len(result['seeds'])} seeds)"
-        rows = _readme_rows(result, main, peers, seeds)
+        rows = _readme_rows(result, main, peers, seeds, shown)
         lines += [text for _, text in sorted(rows, key=lambda r: -r[0] if math.isfinite(r[0]) else math.inf)]
     lines.append(_fp_row(results, main, peers))
     return "\n".join(lines) + "\n"

@@ -141,3 +141,49 @@ def test_share_of_the_avoidable_damage_removed():
     iv = stats.share_of_gap({0: 1.0, 1: 2.0, 2: 5.0}, {0: 3.0, 1: 3.0, 2: 3.0}, {0: 1.0, 1: 3.0, 2: 2.0})
     assert iv.n == 2 and iv.mean == pytest.approx((1.0 - 2.0) / 2)  # seed 1 (no gap) is left out
     assert math.isnan(stats.share_of_gap({}, {}, {}).mean)
+
+
+# ---------------------------------------------------------------------------------------------- the README table
+def _iv(mean: float, low: float, high: float, n: int = 3) -> dict:
+    return {"mean": mean, "low": low, "high": high, "std": 0.0, "n": n}
+
+
+def _result(seeds: int, table: dict, scenarios: dict) -> dict:
+    return {"seeds": list(range(seeds)), "table": table, "scenarios": scenarios}
+
+
+def test_readme_table_rows_avoidable_column_and_false_positive_row():
+    report = _report()
+    stock = {"damage": _iv(0.10, 0.08, 0.12), "diverged": 0, "seeds": 3, "fp_cost": _iv(0, 0, 0)}
+    rec = {"removed": _iv(0.5, 0.4, 0.6), "avoidable": _iv(0.9, 0.8, 1.0), "avoidable_gap": _iv(0.05, 0.04, 0.06),
+           "avoidable_micro": _iv(0.6, 0.5, 0.7), "avoidable_micro_gap": _iv(0.08, 0.07, 0.09), "fp_cost": _iv(0, 0, 0)}
+    flat = {**rec, "avoidable_micro_gap": _iv(0.01, -0.01, 0.03)}  # the avoidable damage not resolved above 0
+    olmo = {"removed": _iv(0.1, -0.1, 0.3), "fp_cost": _iv(0.001, 0, 0.002)}
+    a = _result(3, {"corrupt_shard": {"stock": stock, "recommended": rec, "olmo": olmo},
+                    "ga4_shard_micro": {"stock": stock, "recommended": flat}},
+                {"corrupt_shard": {"fault": "utf16_shard", "task": "pretrain", "title": "t"},
+                 "ga4_shard_micro": {"fault": "utf16_shard", "task": "pretrain_ga4", "title": "t"}})
+    b = _result(3, {"corrupt_shard": {"stock": stock, "recommended": {**rec, "removed": _iv(0.0, 0, 0)}}},
+                {"corrupt_shard": {"fault": "utf16_shard", "task": "pretrain", "title": "t"}})
+    lines = report.readme_table([a, b], peers=("olmo",)).splitlines()
+    assert lines[0].startswith("| fault (3 seeds) | stock's damage | removed by `recommended()` | avoidable")
+    assert lines[2] == ("| a corrupted shard, UTF-16 (30 batches) | +0.100 | **50 % [40, 60]** | 60 % [50, 70] | "
+                        "10 % (n.s.) |")  # against the micro-batch oracle where the result has it
+    assert lines[3].startswith("| GA 4: a UTF-16 shard in 1 micro-batch of 4, 30 steps | +0.100 | **50 % [40, 60]** | "
+                               "n/a |")
+    assert len(lines) == 5  # corrupt_shard of the second result is not repeated
+    assert lines[4] == ("| false-positive cost (clean pretrain / pretrain_ga4 runs) | | **+0.0000 / +0.0000** | | "
+                        "+0.0010 / - |")
+
+
+def _report():
+    import importlib
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module("stability_report")
+    finally:
+        sys.path.remove(bench)
