@@ -141,12 +141,13 @@ class ClipConfig:
     loss_cap: Optional[float] = option(None, "Loss watchdog: stop training when the step loss stays above this (or "
                                        "is NaN/Inf) for loss_cap_patience steps in a row.", _pos_opt)
     loss_cap_patience: int = option(1, "Steps in a row above loss_cap before the watchdog stops training.", integer(1))
-    lr_guard: Optional[float] = option(None, "Learning-rate guard: cap each update's learning rate at this many times "
-                                       "its running average (the mean of the first 20 steps, then an EMA, alpha "
-                                       "0.9; no cap before step 21), e.g. 2. Against a learning-rate mistake (a "
-                                       "scheduler restarted at its peak, a wrong multiplier). A capped step enters "
-                                       "the average at its capped value: an intended rise (a warm restart) is "
-                                       "followed: a jump to 10x is reached in 17 steps with 2. None: off.",
+    lr_guard: Optional[float] = option(None, "Learning-rate guard: a learning rate that jumps (above this many times "
+                                       "the previous step's) and stands above this many times its running average "
+                                       "(the mean of the first 20 steps, then an EMA, alpha 0.9) is capped at the "
+                                       "latter, e.g. 2. Against a learning-rate mistake (a scheduler restarted at its "
+                                       "peak, a wrong multiplier); a warmup of any length is never capped, an "
+                                       "intended jump (a warm restart) becomes a re-warmup of about 10 steps. None: "
+                                       "off.",
                                        lambda n, v: check_number(n, v, low=1.0, low_inclusive=False, optional=True))
     log_layers_top_k: int = option(8, "Log the pre-clip norms of the k layers with the largest norms "
                                    "(gradclip/layer/<name>; W&B and TensorBoard only, not the console); 0 for none.",

@@ -1,6 +1,7 @@
-"""LRGuard (issue 25.6): each step's learning rate capped at ``cap`` x its running average, closed form; the cap
-is followed by an intended rise (the capped value enters the average); the group's rate is put back after the
-step; tensor rates are left alone; its state round-trips and a bad state names the field."""
+"""LRGuard (issue 25.6): a jump of a step's learning rate capped at ``cap`` x its running average, closed form; a
+smooth rise (a warmup of any length) never capped; an intended jump followed (the capped value enters the average);
+the group's rate put back after the step; tensor rates left alone; its state round-trips and a bad state names the
+field."""
 
 from __future__ import annotations
 
@@ -29,26 +30,29 @@ def step(guard, opt, lrs):
     return applied
 
 
-def test_no_cap_during_warmup_then_capped_at_cap_times_the_mean():
+def test_no_cap_during_warmup_then_a_jump_capped_at_cap_times_the_mean():
     guard, opt = LRGuard(cap=2.0, warmup_steps=3, alpha=0.9), optimizer()
     assert [step(guard, opt, [lr])[0] for lr in (1.0, 3.0, 2.0)] == [1.0, 3.0, 2.0]  # warmup: the mean is 2.0
     assert guard.limit() == pytest.approx(4.0)
-    assert step(guard, opt, [10.0]) == [pytest.approx(4.0)]  # capped at 2 x 2.0
+    assert step(guard, opt, [10.0]) == [pytest.approx(4.0)]  # a 5x jump, capped at 2 x 2.0
     assert opt.param_groups[0]["lr"] == 10.0  # put back: the scheduler never sees the cap
     assert guard.capped == 1
 
 
-def test_a_capped_rise_is_followed_at_most_one_minus_alpha_times_cap_minus_one_per_step():
+def test_an_intended_jump_is_followed_10_percent_a_step_until_the_jump_left_is_at_most_cap():
     guard, opt = LRGuard(cap=2.0, warmup_steps=2, alpha=0.9), optimizer()
     step(guard, opt, [1.0]), step(guard, opt, [1.0])
-    mean, applied = 1.0, []
-    for _ in range(40):
-        applied.append(step(guard, opt, [10.0])[0])
-        mean = 0.9 * mean + 0.1 * applied[-1]
-    expected = [2.0 * 1.1 ** k for k in range(len(applied))]
-    assert applied[:17] == pytest.approx(expected[:17])  # a re-warmup: 10 % higher each step
-    assert applied[-1] == 10.0 and guard.limit() == pytest.approx(2 * mean)  # 10x reached in 17 steps
-    assert next(k for k, a in enumerate(applied) if a == 10.0) == 17
+    applied = [step(guard, opt, [10.0])[0] for _ in range(20)]
+    ramp = [2.0 * 1.1 ** k for k in range(11)]  # 2, 2.2, ... 5.19: each capped at 2 x a mean that grows 10 %
+    assert applied[:11] == pytest.approx(ramp) and applied[11:] == [10.0] * 9  # 10 <= 2 x 5.19: the rest applied
+    assert guard.capped == 11
+
+
+@pytest.mark.parametrize("ramp", [30, 100, 1000])
+def test_a_linear_warmup_of_any_length_is_never_capped(ramp):
+    guard, opt = LRGuard(cap=2.0, warmup_steps=20), optimizer()
+    lrs = [min(1.0, k / ramp) for k in range(2 * ramp)]  # from 0, as transformers' linear warmup
+    assert [step(guard, opt, [lr])[0] for lr in lrs] == lrs and guard.capped == 0
 
 
 def test_an_ordinary_schedule_is_never_capped():
@@ -77,13 +81,15 @@ def test_a_group_added_later_gets_its_own_warmup():
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.floats(1e-6, 1e3), min_size=1, max_size=60), st.floats(1.01, 10.0))
-def test_the_applied_rate_never_exceeds_the_given_one_nor_cap_times_the_mean(lrs, cap):
-    guard, opt = LRGuard(cap=cap, warmup_steps=5), optimizer()
+def test_the_applied_rate_never_exceeds_the_given_one_nor_both_cap_bounds(lrs, cap):
+    guard, opt, last = LRGuard(cap=cap, warmup_steps=5), optimizer(), None
     for lr in lrs:
         limit = guard.limit()
         applied = step(guard, opt, [lr])[0]
-        assert applied <= lr and (limit is None or applied <= limit * (1 + 1e-12))
-        assert opt.param_groups[0]["lr"] == lr
+        assert applied <= lr and opt.param_groups[0]["lr"] == lr
+        if limit is not None:  # a rate above cap x its average came smoothly (at most cap x the step before)
+            assert applied <= max(limit, cap * last) * (1 + 1e-12)
+        last = applied
 
 
 def test_state_round_trip_continues_identically():
@@ -100,7 +106,8 @@ def test_state_round_trip_continues_identically():
                                                                          "lr_guard.counts"),
     ({"counts": [1], "means": [float("nan")]}, "lr_guard.means"), ({"counts": [True], "means": [1.0]},
                                                                    "lr_guard.counts"),
-    ({"counts": [1], "means": [1.0], "capped": -2}, "lr_guard.capped")])
+    ({"counts": [1], "means": [1.0], "capped": -2}, "lr_guard.capped"),
+    ({"counts": [1], "means": [1.0], "last": [float("inf")]}, "lr_guard.last")])
 def test_a_bad_state_names_the_field(state, field):
     with pytest.raises(StateError, match=field.replace(".", r"\.")):
         LRGuard().load_state_dict(state)
