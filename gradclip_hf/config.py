@@ -146,7 +146,7 @@ class ClipConfig:
                                        "(the mean of the first 20 steps, then an EMA, alpha 0.9) is capped at the "
                                        "latter, e.g. 2. Against a learning-rate mistake (a scheduler restarted at its "
                                        "peak, a wrong multiplier); a warmup of any length is never capped, an "
-                                       "intended jump (a warm restart) becomes a re-warmup of about 10 steps. None: "
+                                       "intended jump (a warm restart) becomes a re-warmup of 10-20 steps. None: "
                                        "off.",
                                        lambda n, v: check_number(n, v, low=1.0, low_inclusive=False, optional=True))
     log_layers_top_k: int = option(8, "Log the pre-clip norms of the k layers with the largest norms "

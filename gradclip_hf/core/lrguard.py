@@ -9,8 +9,9 @@ stands above ``cap`` x its running average (the mean of the first ``warmup_steps
 ``alpha``) is capped at ``cap`` x that average. A smooth rise (a linear warmup of any length: each step at most
 ``cap`` x the one before) is never capped; nothing is capped in the first ``warmup_steps`` steps. A capped step
 enters the average at its capped value, so an intended jump (a warm restart) is followed: with cap 2 the capped
-rate grows 10 % a step until the jump left is at most 2x, a re-warmup of about 10 steps for a 10x jump. The
-group's learning rate is put back after the step: the scheduler never sees the cap.
+rate grows 10 % a step until the jump left is at most 2x: a re-warmup of 11 steps for a 10x jump, about 19 for
+a warm restart from a rate decayed to 1/20 of its peak. The group's learning rate is put back after the step:
+the scheduler never sees the cap.
 
 The learning rates are Python floats the scheduler sets on the host: nothing here touches the device. A group
 whose learning rate is a tensor is left alone.
