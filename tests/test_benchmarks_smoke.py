@@ -134,3 +134,23 @@ def test_lr_guard_schedules(bench, tmp_path):
     assert all(math.isfinite(r["cost"]["mean"]) for r in rows.values())
     assert read_json(out / "lr_guard_schedules.json")["seeds"] == 2
     assert "| cosine, 3 hard restarts |" in (out / "lr_guard_schedules.md").read_text()
+
+
+def test_early_detection_records_replays_and_resumes_from_its_cache(bench, tmp_path):
+    cache, out = tmp_path / "early.jsonl", tmp_path / "early"
+    args = ["--seeds", "1", "--positions", "8", "12", "--lengths", "1", "2", "--after", "4", "--cache", str(cache),
+            "--out", str(out), *TINY[:TINY.index("--plot-seed")]]
+    first = bench("early_detection").main(args)
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 3  # one clean stock run per task
+    second = bench("early_detection").main(args)  # from the cache: nothing trained, the same table
+    assert cache.read_text().splitlines() == lines
+    assert json.dumps(second["table"], sort_keys=True) == json.dumps(first["table"], sort_keys=True)
+    saved = read_json(out / "early_detection.json")
+    for task in ("pretrain", "lora", "sft"):
+        row = saved["table"]["before"][task]
+        assert row["clean_values"] == 20 and row["clean_flags"] == 0  # the running statistics' warmup: 20 steps
+        assert all(share == 0.0 for by_position in row["detect"].values() for share in by_position.values())
+        assert set(saved["table"]["early"][task]["detect"]) == {"1.5", "2.0", "3.0"}
+    md = (out / "early_detection.md").read_text()
+    assert "## False positives on the clean series" in md and "| mean of the tasks | early |" in md
