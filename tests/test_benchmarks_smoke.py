@@ -129,8 +129,7 @@ def test_lr_guard_schedules(bench, tmp_path):
     out = tmp_path / "lrg"
     result = bench("lr_guard_schedules").main(["--seeds", "2", "--steps", "30", "--out", str(out)])
     rows = result["schedules"]
-    assert rows["cosine, 3 hard restarts"]["capped_per_run"] >= 1  # a restart inside 30 steps, after the 20 averaged
-    assert rows["cosine, 100-step warmup"]["capped_per_run"] == 0  # a smooth rise is never capped
+    assert all(r["capped_per_run"] == 0 for r in rows.values())  # restarts to the peak, smooth rises: never capped
     assert all(math.isfinite(r["cost"]["mean"]) for r in rows.values())
     assert read_json(out / "lr_guard_schedules.json")["seeds"] == 2
     assert "| cosine, 3 hard restarts |" in (out / "lr_guard_schedules.md").read_text()

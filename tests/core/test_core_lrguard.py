@@ -62,6 +62,20 @@ def test_an_ordinary_schedule_is_never_capped():
     assert guard.capped == 0
 
 
+def test_a_warm_restart_back_to_the_peak_is_never_capped_but_a_jump_above_it_is():
+    guard, opt = LRGuard(cap=2.0, warmup_steps=5), optimizer()
+    cycle = [0.5 * (1 + math.cos(math.pi * k / 100)) for k in range(100)]  # from 1.0 down to ~0
+    lrs = cycle * 3  # two hard restarts back to 1.0
+    assert [step(guard, opt, [lr])[0] for lr in lrs] == lrs and guard.capped == 0
+    assert step(guard, opt, [10.0]) == [pytest.approx(1.0)]  # 10x the peak: capped at the peak (2 x mean is less)
+
+
+def test_a_group_held_at_zero_starts_its_own_warmup_when_released():
+    guard, opt = LRGuard(cap=2.0, warmup_steps=3), optimizer()
+    assert [step(guard, opt, [lr])[0] for lr in [0.0] * 30 + [1.0] * 3] == [0.0] * 30 + [1.0] * 3
+    assert guard.capped == 0 and step(guard, opt, [5.0]) == [pytest.approx(2.0)]
+
+
 def test_each_group_has_its_own_average_and_tensor_rates_are_left_alone():
     guard, opt = LRGuard(cap=2.0, warmup_steps=1), optimizer(groups=2)
     step(guard, opt, [1.0, 0.1])
@@ -101,16 +115,18 @@ def test_state_round_trip_continues_identically():
     assert a.capped == b.capped == 6
 
 
-@pytest.mark.parametrize("state, field", [
-    ([], "lr_guard"), ({"counts": [1], "means": []}, "lr_guard.means"), ({"counts": [-1], "means": [1.0]},
-                                                                         "lr_guard.counts"),
-    ({"counts": [1], "means": [float("nan")]}, "lr_guard.means"), ({"counts": [True], "means": [1.0]},
-                                                                   "lr_guard.counts"),
-    ({"counts": [1], "means": [1.0], "capped": -2}, "lr_guard.capped"),
-    ({"counts": [1], "means": [1.0], "last": [float("inf")]}, "lr_guard.last")])
-def test_a_bad_state_names_the_field(state, field):
+GOOD = {"counts": [1], "means": [1.0], "last": [1.0], "peaks": [1.0], "capped": 0}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"means": []}, "lr_guard.means"), ({"counts": [-1]}, "lr_guard.counts"), ({"counts": [True]}, "lr_guard.counts"),
+    ({"means": [float("nan")]}, "lr_guard.means"), ({"capped": -2}, "lr_guard.capped"),
+    ({"last": [float("inf")]}, "lr_guard.last"), ({"peaks": None}, "lr_guard.peaks"), ({"peaks": [-1.0]}, "lr_guard.peaks")])
+def test_a_bad_state_names_the_field(change, field):
     with pytest.raises(StateError, match=field.replace(".", r"\.")):
-        LRGuard().load_state_dict(state)
+        LRGuard().load_state_dict({**GOOD, **change})
+    with pytest.raises(StateError, match="lr_guard"):
+        LRGuard().load_state_dict([])
 
 
 @pytest.mark.parametrize("kwargs, match", [({"cap": 1.0}, "cap"), ({"cap": float("nan")}, "cap"),
