@@ -142,12 +142,12 @@ class ClipConfig:
                                        "is NaN/Inf) for loss_cap_patience steps in a row.", _pos_opt)
     loss_cap_patience: int = option(1, "Steps in a row above loss_cap before the watchdog stops training.", integer(1))
     lr_guard: Optional[float] = option(None, "Learning-rate guard: a learning rate that jumps (above this many times "
-                                       "the previous step's) and stands above this many times its running average "
-                                       "(the mean of the first 20 steps, then an EMA, alpha 0.9) is capped at the "
-                                       "latter, e.g. 2. Against a learning-rate mistake (a scheduler restarted at its "
-                                       "peak, a wrong multiplier); a warmup of any length is never capped, an "
-                                       "intended jump (a warm restart) becomes a re-warmup of 10-20 steps. None: "
-                                       "off.",
+                                       "the previous step's) above both this many times its running average (the "
+                                       "mean of the first 20 steps, then an EMA, alpha 0.9) and the highest rate "
+                                       "used so far is capped at the larger of the two for that step, e.g. 2. "
+                                       "Against a learning-rate mistake (a multiplier applied twice, a wrong unit); "
+                                       "a warmup of any length and a warm restart back to the peak are never "
+                                       "capped. None: off.",
                                        lambda n, v: check_number(n, v, low=1.0, low_inclusive=False, optional=True))
     log_layers_top_k: int = option(8, "Log the pre-clip norms of the k layers with the largest norms "
                                    "(gradclip/layer/<name>; W&B and TensorBoard only, not the console); 0 for none.",
@@ -184,9 +184,13 @@ class ClipConfig:
         no host read on fused optimizers), without tightening the threshold after it (``spike_factor=1``: on
         the gallery, tightening after a skipped spike removed no more damage), for up to 50 spikes in a row
         (``spike_adapt_after=50``: a bad shard of up to 50 batches is skipped whole; a lasting shift of the loss
-        costs at most 50 skipped updates before it is followed). ``overrides`` change any field."""
+        costs at most 50 skipped updates before it is followed); the early-training rule on (``spike_early``); and
+        cap a learning rate that jumps above 2x its average and the run's peak (``lr_guard=2``: the learning-rate
+        mistake; never acts on a warmup or a warm restart to the peak). With gradient accumulation it skips whole
+        steps: ``spike_gate="micro_batch"`` drops single micro-batches instead (not the default: docs/spikes.md
+        says why). ``overrides`` change any field."""
         options: dict[str, Any] = dict(strategy="norm", spike_detection="loss", spike_action="skip",
-                                       spike_factor=1.0, spike_adapt_after=50)
+                                       spike_factor=1.0, spike_adapt_after=50, lr_guard=2.0)
         options.update(overrides)
         return cls(**options)
 
