@@ -72,3 +72,16 @@ def test_the_gates_old_home_still_imports_with_a_deprecation_warning():
     old = importlib.import_module("gradclip_hf.integrations.optim")
     with pytest.warns(DeprecationWarning, match="moved to gradclip_hf.run.StepGate"):
         assert old.StepGate is StepGate
+
+
+def test_before_an_engine_steps_only_a_listed_step_or_a_holding_loss_spike_is_skipped():
+    """Where the update happens inside the last backward (DeepSpeed): what is known before it decides."""
+    from gradclip_hf.core import SpikeAction
+    from gradclip_hf.run.decision import skip_before_update
+
+    for action in SpikeAction:
+        held = action is not SpikeAction.TIGHTEN  # skip, rollback and stop hold the spike's update back
+        assert skip_before_update(True, action, listed=False) is held
+        assert skip_before_update(False, action, listed=False) is False
+        assert skip_before_update(False, action, listed=True) is True
+    assert skip_before_update(False, None, listed=True) and not skip_before_update(True, None, listed=False)

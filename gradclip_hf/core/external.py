@@ -12,6 +12,10 @@ and spike controller into that number, and the reported norm back into a :class:
 3. ``report = ext.after(norm)``: the statistics take the norm (exactly as in :meth:`GradClipper.clip_`),
    the norm detector decides (a norm spike tightens from the NEXT step on), and the report says what
    the optimizer did: ``norm_post = norm * coef``; a non-finite norm is a skipped step.
+   ``ext.after(norm, dropped=True)``: the caller made this step's gradients non-finite on purpose, so that
+   the optimizer skips it by its own overflow check (a step the caller decided to skip): nothing was
+   measured (the norm is NaN, kept out of the statistics and the detectors), and the step is a skip, not a
+   non-finite step.
 
 Per-tensor norms are not measured (``names`` is empty). Nothing leaves the device except where the
 caller reads the threshold (:meth:`host_threshold` says when no read is needed).
@@ -103,25 +107,33 @@ class ExternalClip:
         self._pending = _Pending(step, threshold, scale, phase)
         return threshold
 
+    @property
+    def loss_spike(self) -> Tensor | None:
+        """The loss detector's flag for the step :meth:`before` prepared (0-dim bool), ``None`` without one."""
+        p = self._pending
+        return None if p is None or p.loss_phase is None else p.loss_phase.spike
+
     # ------------------------------------------------------------------ after the step
     @torch.no_grad()
-    def after(self, norm: Tensor | float) -> ClipReport:
+    def after(self, norm: Tensor | float, dropped: bool = False) -> ClipReport:
         """The report of the step :meth:`before` prepared, from the optimizer's pre-clip ``norm`` (the spike
-        controller's second phase: a norm spike tightens from the next step on, the step was clipped already)."""
+        controller's second phase: a norm spike tightens from the next step on, the step was clipped already).
+        ``dropped``: the caller skipped this step through the optimizer's overflow path (see the module)."""
         p = self._pending
         if p is None:
             raise RuntimeError("ExternalClip.after() without before(): call before() ahead of each optimizer step.")
         self._pending = None
-        norm = torch.as_tensor(norm, dtype=torch.float64, device=self.device).reshape(())
-        nonfinite = ~torch.isfinite(norm)
+        norm = torch.as_tensor(math.nan if dropped else norm, dtype=torch.float64, device=self.device).reshape(())
+        measured = torch.isfinite(norm)  # False for a dropped step: its norm is NaN
+        nonfinite = ~measured if not dropped else torch.zeros_like(measured)
         decision = None if p.loss_phase is None else self.clipper.spikes.decide(p.loss_phase, norm,
                                                                                  factor_applied=True)
-        observe = ~nonfinite if decision is None else ~nonfinite & ~decision.spike
+        observe = measured if decision is None else measured & ~decision.spike
         self.clipper.strategy.plan(GradNorms(norm, norm.reshape(1), 2.0), scale=p.scale, observe=observe)
-        coef = torch.where(nonfinite, torch.ones_like(norm),
-                           1.0 / torch.clamp((norm + TORCH_EPS) / p.threshold, min=1.0))
+        coef = torch.where(measured, 1.0 / torch.clamp((norm + TORCH_EPS) / p.threshold, min=1.0),
+                           torch.ones_like(norm))
         return ClipReport(step=p.step, norm=norm, norm_post=norm * coef, threshold=p.threshold, coef=coef,
-                          clipped=coef < 1.0, nonfinite=nonfinite, skip=self.clipper.skip_of(nonfinite),
+                          clipped=coef < 1.0, nonfinite=nonfinite, skip=self.clipper.skip_of(nonfinite) | dropped,
                           scale=p.scale, names=[], per_tensor_norms=norm.new_zeros(0), spike=decision)
 
     def state_dict(self) -> dict[str, Any]:

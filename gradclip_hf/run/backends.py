@@ -20,6 +20,7 @@ One step, as the run calls a backend::
     report = backend.measure(model, step, loss)    # the norm, the thresholds, the spike controller
     skip = skip_update(report, backend, listed)    # THE decision (gradclip_hf.run.decision), once
     backend.apply(report, skip, skip_now)          # the multiplier and the decision go to the update
+    backend.end_step()                             # after the loop's own bookkeeping of the step
 
 Seams for what comes next: :meth:`StepBackend.before_backward` may return the loss scaled by a device tensor
 (``loss * keep`` drops a micro-batch's gradient; a non-finite factor makes an engine take its own overflow
@@ -34,7 +35,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..core import ClipReport, GradClipper, NonFinitePolicy
+from ..core import ClipReport, GradClipper, NonFinitePolicy, TrainingSnapshot
 from .compat import inner_optimizer, loss_scale, scaler_enabled, unscale_once
 from .gate import StepGate
 
@@ -85,6 +86,15 @@ class StepBackend:
     def loss_scale(self) -> Tensor | None:
         """The fp16 loss scaler's current scale (a device tensor), else ``None``."""
         return None
+
+    def end_step(self) -> None:
+        """After the optimizer step's bookkeeping (the Trainer: ``on_step_end``, once it has read the learning rate
+        and stepped its scheduler, before it logs or saves a checkpoint)."""
+
+    def snapshot(self, every: int) -> Any:
+        """What ``spike_action="rollback"`` restores, taken every ``every`` clean steps: the trainable weights and
+        the optimizer's per-parameter state (an engine with sharded state gives its own, same interface)."""
+        return TrainingSnapshot(every)
 
     def close(self) -> None:
         """Train end (any exit): put back whatever the backend changed."""

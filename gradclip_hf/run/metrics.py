@@ -86,7 +86,7 @@ class MetricsWindow:
         if report.spike is not None:
             spike = report.spike.spike.to(norm.device)
             s["spikes"] += spike.to(torch.float32)
-            if keep_spike_layers:
+            if keep_spike_layers and report.names:  # a step without per-tensor norms (DeepSpeed: most) keeps them
                 self._keep_spike_layers(report, spike)
 
     def _keep_spike_layers(self, report: ClipReport, spike: Tensor) -> None:

@@ -177,6 +177,11 @@ class ClipRun:
             self._read_flagged()
         return report
 
+    def end_step(self) -> None:
+        """After the loop's bookkeeping of the step (the Trainer's ``on_step_end``): the backend's (DeepSpeed steps
+        the learning-rate scheduler there after a step the pack skipped)."""
+        self.backend.end_step()
+
     # ------------------------------------------------------------------ logging
     def metrics(self, state: Any = None) -> dict[str, float]:
         """The window's metrics as floats (ONE device-to-host transfer); ``{}`` if no step since the last log.

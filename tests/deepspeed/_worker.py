@@ -1,7 +1,8 @@
 """DeepSpeed worker: real ZeRO engines on CPU through the Hugging Face Trainer, launched by ``tests/deepspeed``.
 
-``DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 _worker.py OUT_DIR STAGE [RUN ...]`` runs each RUN (below) with
-ZeRO stage STAGE and writes ``OUT_DIR/stage<STAGE>.json``: per run and optimizer step the threshold the pack set
+``DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 _worker.py OUT_DIR STAGE [RUN ...]`` runs each RUN (below, and
+``_exact.RUNS``: skip, rollback, schedule, per-layer norms, fp16, W&B with AdamW) with ZeRO stage STAGE and writes
+``OUT_DIR/stage<STAGE>.json``; the runs below use plain SGD and record: per run and optimizer step the threshold the pack set
 on the engine (``engine.optimizer.clip_grad`` when the step ran), the engine's pre-clip norm, the post-clip norm
 MEASURED from the weights (plain SGD: ``|w_after - w_before| / lr``, fp32 master weights gathered with
 ``deepspeed.utils.safe_get_full_fp32_param``), the run's report, and the logs. Errors raised by ``train()`` are
@@ -23,6 +24,7 @@ torch.set_num_threads(1)
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
+import _exact  # noqa: E402
 from gradclip_hf.standins import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
 from gradclip_hf.integrations.transformers import (GradClipCallback, GradClipTrainer,  # noqa: E402
                                                    GradClipTrainingArguments)
@@ -160,7 +162,7 @@ RUN_TABLE = {
     "nonfinite": lambda: run("nonfinite", dict(threshold=1.0), loss_at={3: float("nan")}, steps=5),
     "zero_clip": lambda: run("zero_clip", dict(threshold=0.3), steps=3, max_grad_norm=0.0),
     "crash": lambda: run("crash", dict(threshold=0.3), crash_at=2),
-    "refuse_skip": lambda: run("refuse_skip", dict(spike_detection="loss", spike_action="skip")),
+    "refuse_skip": lambda: run("refuse_skip", dict(spike_detection="both", spike_action="skip")),
     "refuse_nograd": lambda: run("refuse_nograd", dict(threshold=0.3), ds_zero={"compute_grad_norm": False},
                                  max_grad_norm=0.0),
 }
@@ -182,10 +184,17 @@ def resume_runs() -> dict:
 
 
 def main() -> None:
+    """Each RUN of this stage; ``NAME@S`` runs ``_exact``'s NAME on ZeRO stage S (several stages in one launch).
+    With several ranks each writes its own file (``stage<STAGE>_r<RANK>.json``; rank 0 ``stage<STAGE>.json``)."""
     results = {"stage": STAGE}
     for name in RUNS:
-        results[name] = resume_runs() if name == "resume" else RUN_TABLE[name]()
-    with open(os.path.join(OUT, f"stage{STAGE}.json"), "w") as f:
+        base, _, on = name.partition("@")
+        if base in _exact.RUNS:
+            results[name] = _exact.RUNS[base](OUT, int(on) if on else STAGE)
+        else:
+            results[name] = resume_runs() if name == "resume" else RUN_TABLE[name]()
+    rank = int(os.environ.get("RANK", "0"))
+    with open(os.path.join(OUT, f"stage{STAGE}" + (f"_r{rank}" if rank else "") + ".json"), "w") as f:
         json.dump(results, f)
     import torch.distributed as dist
     if dist.is_initialized():
