@@ -52,7 +52,8 @@ class ExternalClip:
     Args:
         clipper: a :class:`GradClipper` with a scalar strategy (``norm``, ``zscore``, ``quantile``, ``none``),
             the L2 norm, no parameter groups, ``include`` or ``exclude`` (the optimizer measures every
-            gradient), and ``nonfinite`` ``skip`` or ``ignore`` (the optimizer's own overflow check).
+            gradient), and ``nonfinite`` ``skip``, ``ignore`` (the optimizer's own overflow check skips such a step)
+            or ``raise`` (the caller raises after such a step, which the optimizer skipped).
         device: where the statistics live.
 
     Raises:
@@ -76,9 +77,9 @@ class ExternalClip:
                                      ("include", clipper.include, "None")):
             if value:
                 raise OptionError(name, value, f"{allowed} (the optimizer measures and clips every gradient)")
-        if clipper.nonfinite not in (NonFinitePolicy.SKIP, NonFinitePolicy.IGNORE):
-            raise OptionError("nonfinite", clipper.nonfinite.value, "'skip' or 'ignore' (the optimizer's gradients "
-                              "are not reachable before its step: it skips non-finite steps itself)")
+        if clipper.nonfinite is NonFinitePolicy.ZERO:
+            raise OptionError("nonfinite", clipper.nonfinite.value, "'skip', 'ignore' or 'raise' (the optimizer "
+                              "checks its gradients inside its step and skips a non-finite one itself)")
 
     # ------------------------------------------------------------------ before the step
     def host_threshold(self, step: int) -> float | None:

@@ -9,8 +9,9 @@ backend             where the clip and the skip happen
                     :class:`~gradclip_hf.run.gate.StepGate` on the optimizer (``found_inf``, or hidden
                     gradients). The Trainer without DeepSpeed, ``AcceleratorClipper``.
 ``EngineStep``      an optimizer that clips inside its own step by one threshold (DeepSpeed ZeRO:
-                    :mod:`gradclip_hf.integrations.deepspeed`): the threshold is set before the engine
-                    steps, inside the last micro-batch's backward, and its norm is read back after.
+                    :mod:`gradclip_hf.integrations.deepspeed`): the threshold and the skip are set before
+                    the engine steps, inside the last micro-batch's backward (a skipped step's loss times
+                    NaN: the engine's own overflow path), and its norm is read back after.
 ==================  ====================================================================================
 
 One step, as the run calls a backend::

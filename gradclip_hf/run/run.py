@@ -83,6 +83,7 @@ class ClipRun:
         self.ship_layers = self.layers.enabled  # every layer's norm in the logging transfer
         self._unreported: dict[str, float] | None = None
         self._clipped_step: int | None = None
+        self._layer_names: list[str] = []
 
     def _recorder(self, args: Any, decode: Any) -> EventRecorder:
         samples = int(getattr(args, "per_device_train_batch_size", 1)) * int(
@@ -172,6 +173,8 @@ class ClipRun:
             self.recorder.add_listed(step + 1)
         self.num_clips += 1
         self.last_report = report
+        if report.names:  # the names the recorded layer indices refer to (DeepSpeed: only steps that read them)
+            self._layer_names = report.names
         self._since_read += 1
         if self._since_read >= self.read_every:  # the device rings would fill before the next log: read now
             self._read_flagged()
@@ -274,7 +277,7 @@ class ClipRun:
         values = to_host({**self.messages.tensors(), **self.recorder.tensors()})
         action = self.actions.action.value
         self.messages.show(values, action)
-        self.recorder.flush(values, self.spike_events, self.last_report.names if self.last_report else [], action,
+        self.recorder.flush(values, self.spike_events, self._layer_names, action,
                             lambda s: self.clipper.base_threshold(max(s - 1, 0)))
 
     def _write_stop(self) -> None:

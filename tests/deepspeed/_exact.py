@@ -21,6 +21,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from gradclip_hf.config import ClipConfig
 from gradclip_hf.integrations.transformers import GradClipTrainer, GradClipTrainingArguments
+from gradclip_hf.spikefile import FILE_NAME, read_records
 from gradclip_hf.standins import ByteLMDataset, stdlib_text, tiny_llama
 
 BATCH, LR = 4, 1e-3
@@ -198,7 +199,10 @@ def recommended(out: str, stage: int) -> dict:
     a = train(out, "recommended", stage, steps=8, options=options, loss_at={SPIKE_AT: 30.0})
     b = train(out, "recommended_drop", stage, steps=8, options={}, drop=(SPIKE_AT + 1,))
     p, spike = a["probe"], SPIKE_AT + 1
-    return {"across_skip_equal": equal(p.before[spike], p.after[spike]),
+    records, _ = read_records(os.path.join(a["trainer"].args.output_dir, FILE_NAME))
+    return {"spike_file": [{"step": r.step, "skipped": r.skipped, "norm": r.norm, "action": r.action,
+                            "kind": r.kind} for r in records],
+            "across_skip_equal": equal(p.before[spike], p.after[spike]),
             "final_equal_dropped_run": equal(a["final"], b["final"]), "engine_skipped": a["engine_skipped"],
             "events": [e.step for e in a["run"].spike_events], "logs": _floats(a["logs"])}
 
@@ -261,7 +265,9 @@ def layers(out: str, stage: int, dtype: str = "fp32") -> dict:
     a = train(out, "layers", stage, steps=8, options=options, loss_at={SPIKE_AT: 30.0}, states=False, logging_steps=2,
               dtype=dtype)
     rows = a["trainer"].state.log_history
-    return {"optimizer": type(a["trainer"].model_wrapped.optimizer).__name__,"read_at": [s for s, v in a["probe"].layers.items() if v is not None], "engine_norm": a["probe"].norm,
+    records, _ = read_records(os.path.join(a["trainer"].args.output_dir, FILE_NAME))
+    return {"optimizer": type(a["trainer"].model_wrapped.optimizer).__name__,
+            "spike_file": [{"step": r.step, "top_layers": r.top_layers, "norm": r.norm} for r in records],"read_at": [s for s, v in a["probe"].layers.items() if v is not None], "engine_norm": a["probe"].norm,
             "root_sum_squares": {s: math.sqrt(sum(x * x for x in v)) for s, v in a["probe"].layers.items() if v},
             "logs": _floats([h for h in rows if "loss" in h]), "n_params": len(a["run"].backend.names),
             "spike_layer_keys": sorted({k for h in rows for k in h if "/spike_layer/" in k}),

@@ -160,6 +160,7 @@ RUN_TABLE = {
     "zscore": lambda: run("zscore", ZSCORE, loss_at=SPIKY),
     "quantile": lambda: run("quantile", dict(strategy="quantile", quantile=0.5)),
     "nonfinite": lambda: run("nonfinite", dict(threshold=1.0), loss_at={3: float("nan")}, steps=5),
+    "raise": lambda: run("raise", dict(threshold=1.0, nonfinite="raise"), loss_at={3: float("nan")}, steps=5),
     "zero_clip": lambda: run("zero_clip", dict(threshold=0.3), steps=3, max_grad_norm=0.0),
     "crash": lambda: run("crash", dict(threshold=0.3), crash_at=2),
     "refuse_skip": lambda: run("refuse_skip", dict(spike_detection="both", spike_action="skip")),

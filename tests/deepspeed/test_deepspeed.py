@@ -135,6 +135,14 @@ def test_nonfinite_step_is_skipped_by_the_engine(stage):
     assert_engine_clipped_at([row for row in r["rows"] if row["changed"]])
 
 
+def test_nonfinite_raise_stops_after_the_engine_skipped_the_step(stage):
+    r = stage["raise"]
+    assert r["error"]["type"] == "NonFiniteGradientError"
+    assert r["error"]["message"].startswith("step 4: a gradient holds NaN or Inf (DeepSpeed's overflow check found it")
+    assert [row["changed"] for row in r["rows"]] == [True, True, True]  # the NaN step never reached a probe
+    assert r["clip_grad_after"] == 1.0
+
+
 def test_engine_built_without_clipping_clips_at_the_packs_threshold(stage):
     r = stage["zero_clip"]  # max_grad_norm=0: gradient_clipping "auto" -> 0 when the engine was built
     assert all(row["clip_grad"] == 0.3 and close(row["measured_post"], 0.3) for row in r["rows"])

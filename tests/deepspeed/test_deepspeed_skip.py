@@ -67,6 +67,7 @@ def test_recommended_runs_as_is_and_skips_the_loss_spike(stage):
     assert [logs[s]["gradclip/skipped_steps"] for s in range(1, 9)] == [0] * 6 + [1, 0]
     assert logs[SPIKE]["gradclip/spikes"] == 1 and logs[SPIKE]["gradclip/nonfinite_steps"] == 0
     assert logs[SPIKE]["loss"] > 20 * logs[SPIKE - 1]["loss"]  # the spike itself, logged as it was
+    assert r["spike_file"] == [{"step": SPIKE, "skipped": True, "norm": None, "action": "skip", "kind": "loss"}]
 
 
 def test_rollback_restores_the_snapshot_exactly(stage):
@@ -119,6 +120,9 @@ def _check_layers(r, rel):
     for step, h in logs.items():
         layers = [v for k, v in h.items() if k.startswith("gradclip/layer/")]
         assert len(layers) == 21 and abs(math.sqrt(sum(v * v for v in layers)) - h["grad_norm"]) <= rel * h["grad_norm"]
+    (record,) = r["spike_file"]  # the spike step's record names its largest layers (read at that step)
+    assert record["step"] == SPIKE and len(record["top_layers"]) >= 3
+    assert abs(record["norm"] - r["engine_norm"][str(SPIKE)]) <= rel * record["norm"]
     spike = [v for k, v in logs[8].items() if k.startswith("gradclip/spike_layer/")]
     assert abs(math.sqrt(sum(v * v for v in spike)) - r["engine_norm"][str(SPIKE)]) <= rel * r["engine_norm"][str(SPIKE)]
 

@@ -21,7 +21,6 @@ def check(config=None, clipper=None, ds=DS, stage=2):
                                                         r"or spike_action='rollback'"),
     (dict(spike_detection="both", spike_action="skip"), r"cannot skip a gradient-norm spike"),
     (dict(nonfinite="zero"), r"nonfinite='zero' cannot be done.*Use nonfinite='skip' \(DeepSpeed skips"),
-    (dict(nonfinite="raise"), r"nonfinite='raise' cannot be done"),
     (dict(strategy="value", threshold=0.1), r"strategy='value' cannot be applied.*Use strategy 'norm', 'zscore'"),
     (dict(strategy="agc", threshold=0.01), r"strategy='agc' cannot be applied"),
     (dict(norm_type=1.0), r"norm_type=1.0 cannot be applied.*Use norm_type=2.0"),
@@ -40,7 +39,7 @@ def test_refused_with_the_fix(options, match):
                                      ClipConfig.recommended().to_dict(), dict(skip_steps=[5]),
                                      dict(spike_detection="loss", spike_action="skip", spike_factor=0.5),
                                      dict(spike_detection="both", spike_action="rollback"),
-                                     dict(spike_detection="norm", spike_action="stop")])
+                                     dict(spike_detection="norm", spike_action="stop"), dict(nonfinite="raise")])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_accepted(options, stage):
     check(ClipConfig(**options), stage=stage)

@@ -66,10 +66,10 @@ def _check_config(c: ClipConfig, refuse: Callable[[str, str], None]) -> None:
     if c.exclude or c.include is not None:
         refuse(f"exclude={c.exclude!r} / include={c.include!r} cannot be applied: the engine measures and clips "
                f"every gradient", "Leave exclude and include unset.")
-    if c.nonfinite in ("zero", "raise"):
-        refuse(f"nonfinite={c.nonfinite!r} cannot be done: the engine checks its gradients for NaN/Inf inside its "
-               f"step and skips such a step itself", "Use nonfinite='skip' (DeepSpeed skips non-finite steps: its "
-               "overflow check) or 'ignore'.")
+    if c.nonfinite == "zero":
+        refuse("nonfinite='zero' cannot be done: the engine checks its gradients for NaN/Inf inside its step and "
+               "skips such a step itself (zeroing them would take a write into its gradient partitions every step)",
+               "Use nonfinite='skip' (DeepSpeed skips non-finite steps: its overflow check), 'raise' or 'ignore'.")
 
 
 def check_engine(engine: Any, config: ClipConfig | None, owner: str) -> None:

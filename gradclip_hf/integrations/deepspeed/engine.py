@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ...core import ClipReport, GradClipper, NonFinitePolicy
+from ...core import ClipReport, GradClipper, NonFiniteGradientError, NonFinitePolicy
 from ...core.external import ExternalClip
 from ...run.backends import StepBackend
 from ...run.decision import skip_before_update
@@ -120,7 +120,9 @@ class EngineStep(StepBackend):
     def before_backward(self, loss: torch.Tensor, *, last: bool, step: int,
                         step_loss: torch.Tensor | None) -> torch.Tensor:
         """At the step's last micro-batch the engine steps inside this backward: its threshold and the pack's skip
-        are set now, from the step loss and the statistics so far."""
+        are set now, from the step loss and the statistics so far. (A per-micro-batch factor, the micro-batch
+        gate's ``loss * keep``, would multiply every micro-batch's loss here; the rescale of the kept ones would
+        go through the engine's static loss scale in the ``engine.step`` wrapper: not offered yet.)"""
         if not last:
             return loss
         self.prepared_step = step
@@ -146,6 +148,10 @@ class EngineStep(StepBackend):
         self.prepared_step = None
         dropped, self.dropping = self.dropping, False
         self.engine_skipped = bool(getattr(self.zero, "overflow", False))
+        if self.engine_skipped and not dropped and self.external.clipper.nonfinite is NonFinitePolicy.RAISE:
+            raise NonFiniteGradientError(f"step {step + 1}: a gradient holds NaN or Inf (DeepSpeed's overflow check "
+                                         f"found it and skipped the step: the weights and the optimizer state are "
+                                         f"unchanged). Pass nonfinite='skip' to skip such steps and go on.")
         if dropped and not self.engine_skipped:
             raise RuntimeError("gradclip: DeepSpeed applied a step the pack skipped (its overflow check did not see "
                                "the NaN gradients): the weights hold NaN now. Its configuration must have changed "
