@@ -49,8 +49,8 @@ class StepTimer:
         return Timer()
 
 
-def timed_reads() -> list[float]:
-    """Time ``EngineStep._read_layers`` (the read alone) for the process: returns the list it fills."""
+def timed_reads() -> tuple[list[float], Any]:
+    """Time ``EngineStep._read_layers`` (the read alone): returns the list it fills and the undo (call it after)."""
     from gradclip_hf.integrations.deepspeed.engine import EngineStep
 
     reads: list[float] = []
@@ -63,7 +63,10 @@ def timed_reads() -> list[float]:
         reads.append(time.perf_counter() - start)
         return values
     EngineStep._read_layers = read
-    return reads
+
+    def undo() -> None:
+        EngineStep._read_layers = original
+    return reads, undo
 
 
 def one_run(config: str, stage: int, a: argparse.Namespace, data: Any, timer: StepTimer) -> None:
@@ -78,6 +81,24 @@ def one_run(config: str, stage: int, a: argparse.Namespace, data: Any, timer: St
         trainer = GradClipTrainer(model=tiny_llama(0, hidden_size=a.hidden, layers=a.layers), args=args,
                                   train_dataset=data, callbacks=[timer.callback()])
         trainer.train()
+
+
+def one_stage(stage: int, a: argparse.Namespace, data: Any, reads: list[float]) -> dict:
+    """Interleaved runs without and with the read, ``a.repeats`` times (the order rotated each repeat)."""
+    ratios, step_ms, read_ms = [], {"off": [], "on": []}, []
+    for repeat in range(a.repeats):
+        order = list(CONFIGS)[repeat % 2:] + list(CONFIGS)[:repeat % 2]
+        medians = {}
+        for config in order:
+            timer = StepTimer()
+            before = len(reads)
+            one_run(config, stage, a, data, timer)
+            medians[config] = median(timer.steps[a.warmup:])
+            step_ms[config].append(1000 * medians[config])
+            read_ms += [1000 * r for r in reads[before + a.warmup:]]
+        ratios.append(medians["on"] / medians["off"])
+    return {"step_ms_off": median(step_ms["off"]), "step_ms_on": median(step_ms["on"]), "ratio": median(ratios),
+            "ratios": ratios, "read_ms": median(read_ms), "read_share": median(read_ms) / median(step_ms["off"])}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,25 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     data = ByteLMDataset(stdlib_text(a.text_bytes), block_size=a.block)
     params = sum(t.numel() for t in tiny_llama(0, hidden_size=a.hidden, layers=a.layers).parameters())
-    reads = timed_reads()
+    reads, undo = timed_reads()
+    try:
+        results = {f"zero{stage}": one_stage(stage, a, data, reads) for stage in [int(s) for s in a.stages.split(",")]}
+    finally:
+        undo()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    results: dict[str, Any] = {}
-    for stage in [int(s) for s in a.stages.split(",")]:
-        ratios, step_ms, read_ms = [], {"off": [], "on": []}, []
-        for repeat in range(a.repeats):
-            order = list(CONFIGS)[repeat % 2:] + list(CONFIGS)[:repeat % 2]
-            medians = {}
-            for config in order:
-                timer = StepTimer()
-                before = len(reads)
-                one_run(config, stage, a, data, timer)
-                medians[config] = median(timer.steps[a.warmup:])
-                step_ms[config].append(1000 * medians[config])
-                read_ms += [1000 * r for r in reads[before + a.warmup:]]
-            ratios.append(medians["on"] / medians["off"])
-        results[f"zero{stage}"] = {"step_ms_off": median(step_ms["off"]), "step_ms_on": median(step_ms["on"]),
-                                   "ratio": median(ratios), "ratios": ratios, "read_ms": median(read_ms),
-                                   "read_share": median(read_ms) / median(step_ms["off"])}
     out = {"script": "deepspeed_layers.py", "argv": argv if argv is not None else sys.argv[1:], "params": params,
            "ranks": world, "machine": _common.machine_info(), "load": _common.load_now(), "results": results}
     if int(os.environ.get("RANK", "0")) == 0:

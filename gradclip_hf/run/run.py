@@ -33,6 +33,15 @@ STOP_KEY = "gradclip/stop_reason"  # in the log row of the step the pack stopped
 CAPACITY = 256  # flagged steps the device rings hold between two reads
 
 
+def _rank_zero() -> bool:
+    """Rank 0 of ``torch.distributed`` (True where it is not initialized). The loop's own answer is not enough:
+    DeepSpeed on CPU under ``torchrun`` leaves the Trainer's accelerator with one process on every rank, so each
+    rank would think it writes the spike file."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 class ClipRun:
     """One training run. ``config`` (or a ready ``clipper``) and the Trainer's ``args``/``state``/optimizer.
 
@@ -64,7 +73,7 @@ class ClipRun:
             self.backend = backend(self.clipper)
         self.actions = StepActions(self.clipper, self.config, self.backend, owner)
         self.skip_prints = self.config.skip_fingerprints() if clipper is None else {}
-        self.main_process = bool(getattr(state, "is_world_process_zero", True))
+        self.main_process = bool(getattr(state, "is_world_process_zero", True)) and _rank_zero()
         self.recorder = self._recorder(args, decode)
         self.loss, self.window = StepLoss(), MetricsWindow()
         self._step_loss: Any = None  # the step loss, when it was known before the last backward

@@ -267,7 +267,9 @@ def layers(out: str, stage: int, dtype: str = "fp32") -> dict:
     rows = a["trainer"].state.log_history
     records, _ = read_records(os.path.join(a["trainer"].args.output_dir, FILE_NAME))
     return {"optimizer": type(a["trainer"].model_wrapped.optimizer).__name__,
-            "spike_file": [{"step": r.step, "top_layers": r.top_layers, "norm": r.norm} for r in records],"read_at": [s for s, v in a["probe"].layers.items() if v is not None], "engine_norm": a["probe"].norm,
+            "spike_file": [{"step": r.step, "top_layers": r.top_layers, "norm": r.norm} for r in records]
+            if int(os.environ.get("RANK", "0")) == 0 else None,  # rank 0 writes it (another could read it too early)
+            "read_at": [s for s, v in a["probe"].layers.items() if v is not None], "engine_norm": a["probe"].norm,
             "root_sum_squares": {s: math.sqrt(sum(x * x for x in v)) for s, v in a["probe"].layers.items() if v},
             "logs": _floats([h for h in rows if "loss" in h]), "n_params": len(a["run"].backend.names),
             "spike_layer_keys": sorted({k for h in rows for k in h if "/spike_layer/" in k}),
@@ -294,7 +296,22 @@ def wandb_extras(out: str, stage: int) -> dict:
             "last_layer_norms": len(a["run"].last_layer_norms), "events": [e.step for e in a["run"].spike_events]}
 
 
-RUNS = {"exact": exact, "exact_fp32_ga2": lambda out, stage: exact(out, stage, (("fp32", 2),)),
+def bench_layers(out: str, stage: int) -> dict:
+    """benchmarks/deepspeed_layers.py for a few tiny steps (its smoke test: it runs and writes what parses)."""
+    from benchmarks import deepspeed_layers
+    from gradclip_hf.integrations.deepspeed.engine import EngineStep
+
+    before = EngineStep.__dict__["_read_layers"]
+    result = deepspeed_layers.main(["--stages", str(stage), "--steps", "3", "--warmup", "1", "--repeats", "1",
+                                    "--hidden", "32", "--layers", "1", "--block", "32", "--text_bytes", "20000",
+                                    "--out", os.path.join(out, "bench_layers")])
+    with open(os.path.join(out, "bench_layers.md")) as f:
+        return {"results": result["results"], "md": f.read(),
+                "read_restored": EngineStep.__dict__["_read_layers"] is before}
+
+
+RUNS = {"bench_layers": bench_layers, "exact": exact,
+        "exact_fp32_ga2": lambda out, stage: exact(out, stage, (("fp32", 2),)),
         "exact_bf16acc": lambda out, stage: exact(out, stage, (("bf16acc", 1), ("bf16acc", 2))),
         "recommended": recommended, "schedule_lr": schedule, "rollback": rollback,
         "rollback_bf16acc": lambda out, stage: rollback(out, stage, "bf16acc"),

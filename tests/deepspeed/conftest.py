@@ -40,7 +40,7 @@ def launch(out_dir: Path, stage: int, runs: list[str], ranks: int = 1) -> dict:
 SGD_RUNS = ["schedule", "measure", "spike", "spike_bare", "accum", "stop", "zscore", "quantile", "nonfinite", "raise",
             "zero_clip", "crash", "refuse_skip", "refuse_nograd", "resume"]
 EXACT_RUNS = {1: ["exact", "exact_bf16acc", "recommended", "rollback_bf16acc", "layers_bf16acc", "fp16_hysteresis"],
-              2: ["exact", "recommended", "rollback", "layers", "schedule_lr", "fp16"],
+              2: ["exact", "recommended", "rollback", "layers", "schedule_lr", "fp16", "bench_layers"],
               3: ["exact", "recommended", "rollback", "layers", "schedule_lr", "fp16", "wandb"]}
 RANK_RUNS = ["layers@2", "layers@3", "layers_bf16acc@1", "exact_fp32_ga2@2", "exact_fp32_ga2@3"]
 

@@ -120,9 +120,10 @@ def _check_layers(r, rel):
     for step, h in logs.items():
         layers = [v for k, v in h.items() if k.startswith("gradclip/layer/")]
         assert len(layers) == 21 and abs(math.sqrt(sum(v * v for v in layers)) - h["grad_norm"]) <= rel * h["grad_norm"]
-    (record,) = r["spike_file"]  # the spike step's record names its largest layers (read at that step)
-    assert record["step"] == SPIKE and len(record["top_layers"]) >= 3
-    assert abs(record["norm"] - r["engine_norm"][str(SPIKE)]) <= rel * record["norm"]
+    if r["spike_file"] is not None:  # rank 0's run: one record, written by one process only
+        (record,) = r["spike_file"]  # the spike step's record names its largest layers (read at that step)
+        assert record["step"] == SPIKE and len(record["top_layers"]) >= 3
+        assert abs(record["norm"] - r["engine_norm"][str(SPIKE)]) <= rel * record["norm"]
     spike = [v for k, v in logs[8].items() if k.startswith("gradclip/spike_layer/")]
     assert abs(math.sqrt(sum(v * v for v in spike)) - r["engine_norm"][str(SPIKE)]) <= rel * r["engine_norm"][str(SPIKE)]
 
@@ -139,6 +140,7 @@ def test_per_layer_norms_on_two_ranks(ranks):
     all-reduce; ZeRO-2 (DeepSpeedZeroOptimizer), ZeRO-3 (safe_get_local_grad), ZeRO-1 BF16_Optimizer."""
     for rank, results in enumerate(ranks):
         for key in ("layers@2", "layers@3", "layers_bf16acc@1"):
+            assert (results[key]["spike_file"] is None) == (rank > 0)
             _check_layers(results[key], 1e-5)
     assert ranks[0]["layers@3"]["root_sum_squares"] == ranks[1]["layers@3"]["root_sum_squares"]  # the same decision
 
@@ -162,3 +164,13 @@ def test_wandb_extras_under_deepspeed(stage):
     tables = [h for h in run["history"] if h.get("gradclip/spike_events._type") == "table-file"]
     assert len(tables) == 1 and tables[0]["gradclip/spike_events.nrows"] == 1 and tables[0]["train/global_step"] == 8
     assert [a["level"] for a in run["alerts"]] == ["WARN"] and run["alerts"][0]["text"].startswith(f"step {SPIKE}:")
+
+
+@pytest.mark.parametrize("stage", [2], indirect=True, ids=["zero2"])
+def test_the_per_layer_cost_benchmark_runs(stage):
+    """benchmarks/deepspeed_layers.py with tiny settings (its numbers mean nothing at this size)."""
+    r = stage["bench_layers"]
+    row = r["results"]["zero2"]
+    assert row["read_ms"] > 0 and row["step_ms_off"] > 0 and row["step_ms_on"] > 0 and math.isfinite(row["ratio"])
+    assert "| zero2 |" in r["md"]
+    assert r["read_restored"]  # its timing patch is gone after it: the later runs of the worker read as users do
