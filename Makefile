@@ -17,8 +17,11 @@ STAMP_AXOLOTL := $(VENV_AXOLOTL)/.gradclip-installed
 VENV_DEEPSPEED ?= .venv-deepspeed
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP_DEEPSPEED := $(VENV_DEEPSPEED)/.gradclip-installed
-# the DeepSpeed lane again on transformers 4.57 (its own virtualenv: the Trainer's DeepSpeed path differs by version)
+# the DeepSpeed lane again on transformers 4.57 (the Trainer's DeepSpeed path differs by version): a virtualenv that
+# sees the DeepSpeed lane's (torch, deepspeed, accelerate) and holds transformers 4.57 and what it needs on top
+# (huggingface_hub < 1, so datasets 5.0.1: datasets 5.2 needs huggingface_hub 1.x)
 VENV_DEEPSPEED_TF4 ?= .venv-deepspeed-tf4
+TF4_DATASETS_SPEC ?= datasets==5.0.1
 STAMP_DEEPSPEED_TF4 := $(VENV_DEEPSPEED_TF4)/.gradclip-installed
 PIP_OPTS ?= --quiet
 
@@ -55,12 +58,15 @@ $(STAMP_AXOLOTL): setup.py setup.cfg
 $(STAMP_DEEPSPEED): setup.py setup.cfg
 	$(call lane_venv,$(VENV_DEEPSPEED),$(DEEPSPEED_SPEC))
 
-$(STAMP_DEEPSPEED_TF4): setup.py setup.cfg
-	$(PYTHON) -m venv $(VENV_DEEPSPEED_TF4)
-	$(VENV_DEEPSPEED_TF4)/bin/python -m pip install $(PIP_OPTS) --upgrade pip
-	$(VENV_DEEPSPEED_TF4)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)"
-	$(VENV_DEEPSPEED_TF4)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" "$(DEEPSPEED_SPEC)" "$(TF4_SPEC)" accelerate
-	$(VENV_DEEPSPEED_TF4)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" "$(TF4_SPEC)" -e ".[test]"
+# the DeepSpeed lane's site-packages added by a .pth file (its own .pth files processed: site.addsitedir), after
+# this virtualenv's own, so what is installed here wins; nothing is downloaded but transformers 4.57 and its pins
+PURELIB = -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+$(STAMP_DEEPSPEED_TF4): $(STAMP_DEEPSPEED)
+	$(VENV_DEEPSPEED)/bin/python -m venv $(VENV_DEEPSPEED_TF4)
+	echo "import site; site.addsitedir('$$($(VENV_DEEPSPEED)/bin/python $(PURELIB))')" \
+		> "$$($(VENV_DEEPSPEED_TF4)/bin/python $(PURELIB))/zz_deepspeed_lane.pth"
+	$(VENV_DEEPSPEED_TF4)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" "$(TF4_SPEC)" "$(TF4_DATASETS_SPEC)"
+	ln -sf "$(abspath $(VENV_DEEPSPEED))/bin/wandb" $(VENV_DEEPSPEED_TF4)/bin/wandb
 	touch $(STAMP_DEEPSPEED_TF4)
 
 install: $(STAMP)
@@ -87,6 +93,7 @@ test-axolotl: $(STAMP_AXOLOTL)
 test-deepspeed: $(STAMP_DEEPSPEED)
 	DS_ACCELERATOR=cpu $(VENV_DEEPSPEED)/bin/python -m pytest tests/deepspeed -p no:cacheprovider $(PYTEST_ARGS)
 
+# the same tests on transformers 4.57.6 (install ~30 s on top of .venv-deepspeed, run ~3 min: docs/distributed.md)
 test-deepspeed-tf4: $(STAMP_DEEPSPEED_TF4)
 	DS_ACCELERATOR=cpu $(VENV_DEEPSPEED_TF4)/bin/python -m pytest tests/deepspeed -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -40,13 +40,20 @@ def _patch_capabilities(dtype: str) -> None:
         get_accelerator().is_fp16_supported = lambda: True
 
 
-class InOrder(GradClipTrainer):
-    """Data in order on transformers 4.57 too (5.x: ``train_sampling_strategy="sequential"``)."""
+def in_order(cls: type) -> type:
+    """``cls`` (a Trainer class) with its data in order on transformers 4.57 too (5.x: the arguments'
+    ``train_sampling_strategy="sequential"``, :data:`ORDER`)."""
+    if SEQUENTIAL:
+        return cls
 
-    def _get_train_sampler(self, *args: Any, **kwargs: Any):
-        if SEQUENTIAL:
-            return super()._get_train_sampler(*args, **kwargs)
-        return torch.utils.data.SequentialSampler(self.train_dataset)
+    class InOrder(cls):
+        def _get_train_sampler(self, *args: Any, **kwargs: Any):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+    return InOrder
+
+
+InOrder = in_order(GradClipTrainer)
+ORDER = {"train_sampling_strategy": "sequential"} if SEQUENTIAL else {}  # the arguments' part of in_order
 
 
 def engine_state(trainer) -> dict[str, list[torch.Tensor]] | None:
@@ -137,7 +144,9 @@ def train(out: str, name: str, stage: int, *, steps: int, options: dict, dtype: 
                 report_to="none", disable_tqdm=True, seed=0, data_seed=0, save_strategy="no", max_grad_norm=1.0,
                 dataloader_num_workers=0, bf16=dtype in ("bf16", "bf16acc"), fp16=dtype == "fp16",
                 deepspeed=ds_config(stage, dtype, engine_optimizer, **(fp16 or {})),
-                **({"train_sampling_strategy": "sequential"} if SEQUENTIAL else {}))
+                # on CPU under torchrun the Trainer's accelerator counts one process per rank (docs/distributed.md),
+                # so transformers 4.57's gather of the token count mismatches the real 2-rank group: not gathered
+                average_tokens_across_devices=False, **ORDER)
     args.update(overrides)
     clip = {f"clip_{k}": v for k, v in options.items()}
     model = tiny_llama(seed=0)

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import _exact  # noqa: E402
 from gradclip_hf.standins import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
-from gradclip_hf.integrations.transformers import (GradClipCallback, GradClipTrainer,  # noqa: E402
+from gradclip_hf.integrations.transformers import (GradClipCallback,  # noqa: E402
                                                    GradClipTrainingArguments)
 
 OUT, STAGE, RUNS = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -92,7 +92,7 @@ def build(name: str, options: dict, *, bare: bool = False, loss_at: dict | None 
           max_grad_norm: float = 1.0, accum: int = 1):
     args = dict(output_dir=os.path.join(OUT, f"s{STAGE}_{name}"), max_steps=steps, per_device_train_batch_size=BATCH,
                 learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
-                report_to="none", disable_tqdm=True, seed=0, data_seed=0, train_sampling_strategy="sequential",
+                report_to="none", disable_tqdm=True, seed=0, data_seed=0, **_exact.ORDER,
                 dataloader_num_workers=0, max_grad_norm=max_grad_norm, deepspeed=ds_config(STAGE, **(ds_zero or {})),
                 save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                 gradient_accumulation_steps=accum, clip_log_layers_top_k=0 if bare else 8)
@@ -111,12 +111,12 @@ def build(name: str, options: dict, *, bare: bool = False, loss_at: dict | None 
         model.register_forward_hook(hook)
     if bare:
         callback = GradClipCallback(**options)
-        trainer = Trainer(model=model, args=GradClipTrainingArguments(**args), train_dataset=blocks,
+        trainer = _exact.in_order(Trainer)(model=model, args=GradClipTrainingArguments(**args), train_dataset=blocks,
                           callbacks=[callback])
         source = callback
     else:
         clip = {f"clip_{k}": v for k, v in options.items()}
-        trainer = GradClipTrainer(model=model, args=GradClipTrainingArguments(**args, **clip), train_dataset=blocks)
+        trainer = _exact.InOrder(model=model, args=GradClipTrainingArguments(**args, **clip), train_dataset=blocks)
         source = trainer
     probe = Probe(trainer, source)
     trainer.add_callback(probe)
