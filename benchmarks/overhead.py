@@ -45,6 +45,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "quantile": dict(clip_strategy="quantile"),
     "zscore+spike_tighten": dict(clip_strategy="zscore", clip_threshold=1.0, clip_spike_detection="loss"),
     "recommended": "recommended",  # ClipConfig.recommended(): norm + loss-spike skip
+    "recommended+gate": "recommended+gate",  # the same, each micro-batch judged before its backward
     "zscore+spike_rollback": dict(clip_strategy="zscore", clip_threshold=1.0, clip_spike_detection="loss",
                                   clip_spike_action="rollback"),
 }
@@ -71,11 +72,12 @@ def layer_log_configs() -> dict[str, dict[str, Any]]:
 
 
 def clip_options(config: Any) -> dict[str, Any]:
-    if config == "recommended":
+    if config in ("recommended", "recommended+gate"):
         from gradclip_hf import ClipConfig
         from gradclip_hf.integrations.transformers.arguments import argument_name
 
-        return {argument_name(k): v for k, v in ClipConfig.recommended().to_dict().items()}
+        gate = {"spike_gate": "micro_batch"} if config.endswith("+gate") else {}
+        return {argument_name(k): v for k, v in ClipConfig.recommended(**gate).to_dict().items()}
     return dict(config)
 
 
@@ -96,7 +98,7 @@ def make_trainer(name: str, config: Any, opts, dataset, output_dir: str):
     from gradclip_hf.integrations.transformers import GradClipTrainer, GradClipTrainingArguments
 
     common = dict(max_steps=opts.steps, per_device_train_batch_size=opts.batch, logging_steps=opts.logging_steps,
-                  learning_rate=1e-3, use_cpu=opts.device == "cpu")
+                  learning_rate=1e-3, use_cpu=opts.device == "cpu", gradient_accumulation_steps=opts.accumulation)
     model = tiny_llama(0, **model_kwargs(opts))
     if config is None:
         args = _common.trainer_args(output_dir, max_grad_norm=1.0, **common)
@@ -205,7 +207,8 @@ def parse(argv):
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--block", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="samples per micro-batch")
+    p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps (micro-batches per step)")
     p.add_argument("--logging_steps", type=int, default=5)
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: peak RSS per configuration in fresh subprocesses")
@@ -307,7 +310,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{m['cpu']}, nproc {m['nproc']}, torch {m['torch']} ({m['torch_threads']} threads), "
              f"transformers {m.get('transformers')}, device {o['device']}; load average during the run "
              f"{min(result['load_during'])}-{max(result['load_during'])}; {result['elapsed_s']:.0f} s.", "",
-             f"tiny Llama hidden {o['hidden']}, {o['layers']} layers, block {o['block']}, batch {o['batch']}; "
+             f"tiny Llama hidden {o['hidden']}, {o['layers']} layers, block {o['block']}, batch {o['batch']} x "
+             f"{o.get('accumulation', 1)} micro-batches per step; "
              f"{o['steps']} steps per run ({o['warmup']} untimed), {o['repeats']} interleaved repeats; "
              f"logging every {o['logging_steps']} steps.", "",
              "Step: on_step_begin to on_step_end (forward, backward, clipping, optimizer). Cycle: on_step_end to the next "

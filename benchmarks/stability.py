@@ -12,8 +12,9 @@ false-positive cost (clean eval loss minus stock's clean eval loss), each with a
     python benchmarks/stability.py --scenario corrupt_shard --seeds 3 --methods stock olmo recommended
 
 Finished runs are cached (``--cache``, a JSON-lines file keyed by settings, method configuration, fault,
-seed and a hash of the package source), so an interrupted sweep resumes and a report can be redrawn
-without training; ``--cache none`` trains everything again.
+seed and a hash of the source that runs), so an interrupted sweep resumes and a report can be redrawn
+without training; ``--cache none`` trains everything again. ``--code pack=HASH,peer=HASH`` redraws a report from
+runs made by an earlier source (the hashes a report names), without training them again.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch  # noqa: E402
 from benchmarks.harness.methods import METHODS, method as get_method  # noqa: E402
 from benchmarks.harness.scenarios import GALLERY  # noqa: E402
 from benchmarks.harness.summary import summarise  # noqa: E402
-from benchmarks.harness.sweep import RunStore, code_hash, run_grid  # noqa: E402
+from benchmarks.harness.sweep import RunStore, code_hashes, run_grid  # noqa: E402
 from benchmarks.harness.tasks import Settings  # noqa: E402
 from gradclip_hf.demo import machine  # noqa: E402
 
@@ -51,6 +52,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=_common.RESULTS, help="folder of the .md/.json/.png outputs")
     p.add_argument("--name", default=None, help="output file name (default: stability or stability_<scenario>)")
     p.add_argument("--cache", default=CACHE, help="JSON-lines cache of finished runs ('none': no cache)")
+    p.add_argument("--code", default=None, help="use the cached runs of these source hashes ('pack=HASH,peer=HASH', "
+                   "as a report names them) instead of the current source's")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--plot-seed", type=int, default=0)
     for f in dataclasses.fields(Settings):
@@ -73,10 +76,22 @@ def scenarios_from(ns: argparse.Namespace) -> list[str]:
     return names
 
 
+def code_from(ns: argparse.Namespace) -> dict[str, str]:
+    """The source hashes of the runs to use: ``--code`` or the current source's."""
+    codes = code_hashes()
+    if ns.code:
+        for part in ns.code.split(","):
+            scope, sep, value = part.partition("=")
+            if not sep or scope.strip() not in codes or not value.strip():
+                raise SystemExit(f"--code {ns.code!r}: expected 'pack=HASH,peer=HASH'")
+            codes[scope.strip()] = value.strip()
+    return codes
+
+
 def _compact(run: dict[str, Any]) -> dict[str, Any]:
     keep = ("method", "scenario", "task", "seed", "faulted", "fault_steps", "eval_loss", "spike_steps",
             "skipped_steps", "clip_rate", "seconds")
-    return {k: run[k] for k in keep}
+    return {k: run[k] for k in (*keep, "dropped_steps") if k in run}
 
 
 def _jsonable(table: dict[str, Any]) -> dict[str, Any]:
@@ -94,15 +109,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "stock" not in ns.methods:
         print("note: without 'stock' in --methods there are no ratios or false-positive costs.", file=sys.stderr)
     store = RunStore(None if ns.cache == "none" else ns.cache)
-    start, loads = time.perf_counter(), [machine.load_now()]
+    start, loads, codes = time.perf_counter(), [machine.load_now()], code_from(ns)
     records = run_grid(methods, scenarios, range(ns.first_seed, ns.first_seed + ns.seeds), settings, store,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: print(line, flush=True), code=codes)
     loads.append(machine.load_now())
     table = summarise(records, {s: GALLERY[s].fault != "none" for s in scenarios})
     name = ns.name or ("stability" if ns.scenario == "all" else "stability_" + ns.scenario.replace(",", "+"))
     result = {"command": "python benchmarks/stability.py " + " ".join(argv), "settings": dataclasses.asdict(settings),
               "machine": machine.machine_info(), "load": loads, "elapsed_s": time.perf_counter() - start,
-              "code": code_hash(), "seeds": list(range(ns.first_seed, ns.first_seed + ns.seeds)),
+              "code": f"pack={codes['pack']},peer={codes['peer']}", "seeds": list(range(ns.first_seed, ns.first_seed + ns.seeds)),
               "methods": [m.describe() for m in methods],
               "scenarios": {s: {**dataclasses.asdict(GALLERY[s]), "fault_steps": GALLERY[s].fault_steps(settings.steps)}
                             for s in scenarios},

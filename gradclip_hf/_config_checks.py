@@ -49,6 +49,10 @@ def check_combinations(c: Any) -> None:
     if c.spike_detection == SpikeDetection.OFF.value and c.spike_action != SpikeAction.TIGHTEN.value:
         raise OptionError("spike_action", c.spike_action, "'tighten' while spike_detection is 'off'",
                           "Set spike_detection to 'loss', 'norm' or 'both' to act on spikes.")
+    if c.spike_gate != "step" and c.spike_detection not in (SpikeDetection.LOSS.value, SpikeDetection.BOTH.value):
+        raise OptionError("spike_gate", c.spike_gate, "'step' while spike_detection is "
+                          f"{c.spike_detection!r}", "The micro-batch gate judges losses: set spike_detection to "
+                          "'loss' or 'both'.")
     _check_schedule(c)
 
 
@@ -94,6 +98,8 @@ def ignored_options(c: Any) -> list[tuple[str, str]]:
                 if name.startswith("spike_") and name not in ("spike_detection", "spike_action")]
     elif c.spike_detection == SpikeDetection.LOSS.value and "spike_norm_z" in changed:
         out.append(("spike_norm_z", "spike_detection is 'loss' (no gradient-norm detector)."))
+    elif c.spike_detection == SpikeDetection.NORM.value and "spike_early" in changed:
+        out.append(("spike_early", "spike_detection is 'norm' (the early rule is the loss detector's)."))
     if ("spike_factor" in changed and c.spike_factor == 1.0 and c.spike_detection != SpikeDetection.OFF.value
             and c.spike_action == SpikeAction.TIGHTEN.value):
         out.append(("spike_factor", "with spike_action 'tighten' a factor of 1 changes nothing: spikes are only "

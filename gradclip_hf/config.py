@@ -35,13 +35,14 @@ from ._config_checks import check_combinations, check_max_grad_norm, ignored_opt
 from .core import (AGC, Cosine, GradClipper, Linear, MeasureOnly, NonFinitePolicy, NormClip, OptionError,
                    Piecewise, QuantileClip, SpikeAction, SpikeController, SpikeMethod, ValueClip, Warmup, ZScoreClip)
 from .core._checks import UnknownOptionError, check_bool, check_norm_type, check_number, check_patterns
+from .core.lrguard import LRGuard
 from .core.adaptive import ZScoreClipOption, ZScoreMode
-from .options import (Apply, ScheduleName, SpikeDetection, SpikeFilePath, Strategy, choice, choices, display_name,
-                      floats, integer, ints, option, option_names, positive, spike_file, unit)
+from .options import (Apply, ScheduleName, SpikeDetection, SpikeFilePath, SpikeGate, Strategy, choice, choices,
+                      display_name, floats, integer, ints, option, option_names, positive, spike_file, unit)
 from .spikefile import SkipList, read_skip_list
 
-__all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "Apply", "OPTION_CHECKS", "option_names",
-           "check_max_grad_norm", "choices"]
+__all__ = ["ClipConfig", "Strategy", "ScheduleName", "SpikeDetection", "SpikeGate", "Apply", "OPTION_CHECKS",
+           "option_names", "check_max_grad_norm", "choices"]
 
 _pos, _pos_opt = positive(), positive(optional=True)
 
@@ -102,12 +103,26 @@ class ClipConfig:
     spike_norm_z: Optional[float] = option(None, "z of the gradient-norm detector (default: spike_z).", _pos_opt)
     spike_ratio: Optional[float] = option(None, "Also a spike: a value above spike_ratio x its baseline (> 1).",
                                           lambda n, v: check_number(n, v, low=1.0, low_inclusive=False, optional=True))
-    spike_warmup_steps: int = option(20, "Steps observed before spikes are flagged.", integer(2))
+    spike_warmup_steps: int = option(20, "Steps observed before the running statistics flag spikes (the early rule, "
+                                     "spike_early, flags from the 7th step on).", integer(2))
+    spike_early: bool = option(True, "Loss detection also judges each loss against a baseline that follows a "
+                               "falling loss (the 25th percentile of its last 8 values, the noise of its step-to-step "
+                               "changes): a spike when more than spike_z of that noise and 1.5x above it, from the 7th "
+                               "step on. Catches a 2x jump early in training, where the running statistics still "
+                               "carry the steep start; False: the running statistics only.", check_bool)
     spike_method: str = option("ema", "Running statistics: 'ema' (mean/variance) or 'mad' (median/MAD of the last "
                                "max(100, spike_warmup_steps) steps).", choice(SpikeMethod), SpikeMethod)
     spike_action: str = option("tighten", "On a spike, besides tightening: 'tighten' only, 'skip' the update, "
                                "'rollback' to the last in-memory snapshot, or 'stop' training.",
                                choice(SpikeAction), SpikeAction)
+    spike_gate: str = option("step", "Where a loss spike is judged: 'step' (the step loss; spike_action acts on "
+                             "the whole update), or 'micro_batch' (needs spike_detection 'loss' or 'both'): each "
+                             "micro-batch's loss against its own baseline, before its backward; a spiking micro-batch "
+                             "is dropped (backward on loss x 0), the update is the mean of the kept micro-batches (by "
+                             "tokens when the Trainer counts them), and skipped only when none is kept; spike_action "
+                             "acts on what the step still flags (the kept loss, the gradient norm). With one "
+                             "micro-batch per step: the same as 'step' with spike_action 'skip'.",
+                             choice(SpikeGate), SpikeGate)
     spike_adapt_after: int = option(10, "Consecutive spikes after which the detectors take the new level in (a lasting "
                                     "shift of the loss is followed instead of flagged for ever).", integer(1))
     spike_factor: float = option(0.5, "Threshold multiplier on each spike, in (0, 1]; 1 never tightens.", unit())
@@ -117,7 +132,8 @@ class ClipConfig:
     spike_snapshot_every: int = option(50, "Clean steps between in-memory snapshots (spike_action='rollback').",
                                        integer(1))
     skip_steps: list[int] = option([], "Optimizer steps (numbered from 1, as train/global_step logs them) whose update "
-                                   "is skipped: their batches are still consumed, so the data order stays the same.",
+                                   "is skipped: through the Trainer their batches are consumed without being computed (no forward, no backward), "
+                                   "so the data order stays the same.",
                                    ints)
     skip_steps_from: Optional[str] = option(None, "A gradclip_spikes.jsonl written by an earlier run: skip the update "
                                             "of every spike and non-finite step it lists (resume from a checkpoint "
@@ -125,6 +141,14 @@ class ClipConfig:
     loss_cap: Optional[float] = option(None, "Loss watchdog: stop training when the step loss stays above this (or "
                                        "is NaN/Inf) for loss_cap_patience steps in a row.", _pos_opt)
     loss_cap_patience: int = option(1, "Steps in a row above loss_cap before the watchdog stops training.", integer(1))
+    lr_guard: Optional[float] = option(None, "Learning-rate guard: a learning rate that jumps (above this many times "
+                                       "the previous step's) and stands above this many times its running average "
+                                       "(the mean of the first 20 steps, then an EMA, alpha 0.9) is capped at the "
+                                       "latter, e.g. 2. Against a learning-rate mistake (a scheduler restarted at its "
+                                       "peak, a wrong multiplier); a warmup of any length is never capped, an "
+                                       "intended jump (a warm restart) becomes a re-warmup of about 10 steps. None: "
+                                       "off.",
+                                       lambda n, v: check_number(n, v, low=1.0, low_inclusive=False, optional=True))
     log_layers_top_k: int = option(8, "Log the pre-clip norms of the k layers with the largest norms "
                                    "(gradclip/layer/<name>; W&B and TensorBoard only, not the console); 0 for none.",
                                    integer(0))
@@ -229,12 +253,19 @@ class ClipConfig:
                               "scales.")
         return math.inf
 
-    def build(self, total_steps: Optional[int] = None, max_grad_norm: Optional[float] = None) -> GradClipper:
-        """A fresh :class:`GradClipper` for a run of ``total_steps`` optimizer steps."""
+    def build(self, total_steps: Optional[int] = None, max_grad_norm: Optional[float] = None,
+              micro_batches: int = 1) -> GradClipper:
+        """A fresh :class:`GradClipper` for a run of ``total_steps`` optimizer steps of ``micro_batches``
+        micro-batches each (gradient accumulation steps: the micro-batch gate's time constants)."""
         threshold = self.resolved_threshold(max_grad_norm)
         return GradClipper(_STRATEGIES[self.strategy](self, threshold), _schedule(self, threshold, total_steps),
                            exclude=self.exclude, include=self.include, nonfinite=self.nonfinite,
-                           spikes=self.build_spikes())
+                           spikes=self.build_spikes(micro_batches))
+
+    @property
+    def gates_micro_batches(self) -> bool:
+        """Whether each micro-batch's loss is judged before its backward (``spike_gate="micro_batch"``)."""
+        return self.spike_gate == SpikeGate.MICRO_BATCH.value
 
     def steps_to_skip(self) -> frozenset[int]:
         """``skip_steps`` and the steps of ``skip_steps_from`` (read once, when the option was set)."""
@@ -250,8 +281,13 @@ class ClipConfig:
             return SkipList()
         return path.skip if isinstance(path, SpikeFilePath) else read_skip_list(path)
 
-    def build_spikes(self) -> Optional[SpikeController]:
-        """The spike controller, ``None`` when ``spike_detection="off"``."""
+    def build_lr_guard(self) -> Optional[LRGuard]:
+        """The learning-rate guard, ``None`` when ``lr_guard`` is unset."""
+        return None if self.lr_guard is None else LRGuard(cap=self.lr_guard)
+
+    def build_spikes(self, micro_batches: int = 1) -> Optional[SpikeController]:
+        """The spike controller, ``None`` when ``spike_detection="off"``; with its micro-batch gate for steps of
+        ``micro_batches`` micro-batches when ``spike_gate="micro_batch"``."""
         if self.spike_detection == SpikeDetection.OFF.value:
             return None
         both = SpikeDetection.BOTH.value
@@ -260,7 +296,8 @@ class ClipConfig:
             detect_norm=self.spike_detection in (SpikeDetection.NORM.value, both),
             z=self.spike_z, norm_z=self.spike_norm_z, ratio=self.spike_ratio, warmup_steps=self.spike_warmup_steps,
             method=self.spike_method, window=max(100, self.spike_warmup_steps), action=self.spike_action,
-            adapt_after=self.spike_adapt_after,
+            adapt_after=self.spike_adapt_after, micro_batches=micro_batches if self.gates_micro_batches else None,
+            early=self.spike_early,
             spike_factor=self.spike_factor, relax_half_life=self.spike_relax_half_life,
             min_factor=self.spike_min_factor)
 

@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional
 from .core._checks import MAX_WINDOW, OptionError, check_choice, check_int, check_number
 from .spikefile import SkipList, read_skip_list
 
-__all__ = ["Strategy", "ScheduleName", "SpikeDetection", "Apply", "choices", "option", "option_names", "display_name",
-           "SpikeFilePath", "Check"]
+__all__ = ["Strategy", "ScheduleName", "SpikeDetection", "Apply", "SpikeGate", "choices", "option", "option_names",
+           "display_name", "SpikeFilePath", "Check"]
 
 Check = Callable[[str, Any], Any]
 
@@ -41,6 +41,13 @@ class SpikeDetection(str, Enum):
 
 class Apply(str, Enum):
     AUTO, OPTIMIZER, GRADS = "auto", "optimizer", "grads"
+
+
+class SpikeGate(str, Enum):
+    """Where a loss spike is judged and acted on: the ``step`` loss (a spike holds back the whole update, per
+    ``spike_action``), or each ``micro_batch``'s loss before its backward (a spiking one is dropped)."""
+
+    STEP, MICRO_BATCH = "step", "micro_batch"
 
 
 def choices(enum: type[Enum]) -> list[str]:

@@ -7,7 +7,11 @@ keeps them on the device and hands them here at logging steps; :func:`append` wr
      "kind": "loss" | "norm" | "loss+norm" | "nonfinite" | "listed", "action": "tighten" | ..., "skipped": bool,
      "loss", "norm", "threshold", "top_layers": [[name, norm], ...], "time": unix seconds,
      "loss_baseline", "loss_z", "norm_baseline", "norm_z", "threshold_before", "threshold_after" (spikes),
-     "batch": {"indices": [[...] per process] | None, "fingerprint": hex | None, "text": str | None}}
+     "batch": {"indices": [[...] per process] | None, "fingerprint": hex | None, "text": str | None},
+     "dropped": {"count", "micro_batches", "positions": [...]} (a step whose micro-batches the micro-batch gate
+                dropped: how many of how many, over every process, and their 0-based positions in the step on
+                the main process; ``batch`` then names the dropped samples only, ``action`` is "drop", or
+                "skip" when none was kept)}
 
 (``None``: not measured) and, when the pack stops the run, a last line
 ``{"event": "stop", "step", "kind": "spike" | "nonfinite" | "loss_cap", "action": "stop", "reason", "time"}``.
@@ -54,9 +58,10 @@ def _clean(value: Any) -> Any:
 
 
 def spike_record(*, nonfinite: bool, step: int, kind: str, action: str, skipped: bool, loss: float, norm: float,
-                 threshold: float, top_layers: list, batch: dict, detected: Optional[dict] = None) -> dict[str, Any]:
+                 threshold: float, top_layers: list, batch: dict, detected: Optional[dict] = None,
+                 dropped: Optional[dict] = None) -> dict[str, Any]:
     """The line of a spike or non-finite step (``detected``: the :data:`DETECTED` values of a spike; NaN/Inf as
-    ``None``)."""
+    ``None``; ``dropped``: the micro-batches the gate dropped)."""
     record = {"event": "nonfinite" if nonfinite else "spike", "step": step, "kind": kind, "action": action,
               "skipped": skipped, "loss": _clean(loss), "norm": _clean(norm), "threshold": _clean(threshold),
               "top_layers": [[name, _clean(value)] for name, value in top_layers], "time": time.time()}
@@ -64,6 +69,9 @@ def spike_record(*, nonfinite: bool, step: int, kind: str, action: str, skipped:
         record.update({key: _clean(detected[key]) for key in DETECTED})
     record["batch"] = {"indices": batch.get("indices"), "fingerprint": batch.get("fingerprint"),
                        "text": batch.get("text")}
+    if dropped is not None:
+        record["dropped"] = {"count": dropped["count"], "micro_batches": dropped["micro_batches"],
+                             "positions": list(dropped["positions"])}
     return record
 
 

@@ -20,7 +20,9 @@ ACTION_WORDS = {"tighten": ("threshold tightened, update applied", "threshold ti
                 "skip": ("update skipped", "updates skipped"),
                 "rollback": ("rolled back to the last snapshot, update skipped",
                              "rolled back to the last snapshot, updates skipped"),
-                "stop": ("training stopped", "training stopped")}
+                "stop": ("training stopped", "training stopped"),
+                "drop": ("bad micro-batch dropped, update made of the kept ones",
+                         "bad micro-batches dropped, updates made of the kept ones")}
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,9 @@ class Flagged(SpikeRecord):
     """One flagged step as it is summarised: its spike file record (:class:`~gradclip_hf.spikefile.SpikeRecord`,
     read back or made from a spike event during training) and whether it was listed. ``event``: ``"spike"``,
     ``"nonfinite"`` or ``"listed"`` (a step skipped because ``clip_skip_steps``/``clip_skip_steps_from`` lists
-    it, with no spike of its own); ``action``: the spike action (``tighten``/``skip``/``rollback``/``stop``);
-    ``skipped``: whether the update was skipped (``None``: follows from ``action``); ``listed``: the step was
+    it, with no spike of its own); ``action``: the spike action (``tighten``/``skip``/``rollback``/``stop``;
+    ``drop``: only micro-batches spiked, the gate dropped them and made the update of the others); ``skipped``:
+    whether the update was skipped (``None``: follows from ``action``); ``listed``: the step was
     listed for skipping. Values that were not measured are ``None``."""
 
     event: Optional[str] = "spike"
@@ -41,6 +44,7 @@ class Flagged(SpikeRecord):
         """A core :class:`~gradclip_hf.core.SpikeEvent` (read back during training); the threshold before and
         after is ``base_threshold`` (strategy x schedule, ``None``: not known) times its spike factors."""
         known = base_threshold is not None
+        action = getattr(event, "outcome", None) or action  # a step whose only spikes were dropped micro-batches
         return cls(step=event.step, event="spike", kind=event.kind, action=action, listed=listed,
                    skipped=True if listed else None, loss=event.loss, loss_baseline=event.loss_baseline,
                    loss_z=event.loss_z, norm=event.norm, norm_baseline=event.norm_baseline, norm_z=event.norm_z,
@@ -114,7 +118,7 @@ def _what(run: Sequence[Flagged]) -> str:
         return "non-finite gradient (NaN/Inf)" if n == 1 else f"{n} non-finite gradients (NaN/Inf)"
     if run[0].event == "listed":
         return "listed step" if n == 1 else f"{n} listed steps"
-    kinds = Counter(f.kind or "loss" for f in run)
+    kinds = Counter("micro-batch loss" if f.action == "drop" else f.kind or "loss" for f in run)
     if len(kinds) == 1:
         kind = next(iter(kinds))
         return f"{kind} spike" if n == 1 else f"{n} {kind} spikes"

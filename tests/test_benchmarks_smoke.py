@@ -104,3 +104,33 @@ def test_stability_cache_resumes_and_other_tasks_run(bench, tmp_path):
     assert cache.read_text().splitlines() == lines
     assert json.dumps(second["table"], sort_keys=True) == json.dumps(first["table"], sort_keys=True)
     assert "fp_cost" in second["table"]["sft_clean"]["stock"] and "damage" not in second["table"]["sft_clean"]["stock"]
+
+
+def test_stability_accumulation_with_oracles_and_the_readme_table(bench, tmp_path):
+    out = tmp_path / "acc"
+    tiny8 = [*TINY]
+    tiny8[tiny8.index("--batch") + 1] = "8"
+    bench("stability").main(["--scenario", "ga4_garbage_micro,corrupt_shard", "--seeds", "2", "--methods", "stock",
+                             "recommended", "oracle", "oracle_micro", "--cache", "none", "--out", str(out),
+                             "--name", "acc", *tiny8])
+    saved = read_json(out / "acc.json")
+    rows = saved["table"]["ga4_garbage_micro"]
+    assert rows["oracle"]["caught"] == 1.0 and rows["oracle_micro"]["caught"] == 1.0
+    assert rows["oracle_micro"]["avoidable_micro"]["mean"] == pytest.approx(1.0)
+    assert saved["table"]["corrupt_shard"]["oracle"]["avoidable"]["mean"] == pytest.approx(1.0)
+    assert all("avoidable_gap" in r for r in rows.values())
+    md = (out / "acc.md").read_text()
+    assert "against `oracle_micro`" in md and "pretrain_ga4`: 4 micro-batches of 2" in md
+    table = bench("stability_report").main([str(out / "acc.json"), "--readme"])
+    assert "| GA 4: 1 garbage micro-batch of 4, at 4 steps |" in table and "false-positive cost (clean" in table
+
+
+def test_lr_guard_schedules(bench, tmp_path):
+    out = tmp_path / "lrg"
+    result = bench("lr_guard_schedules").main(["--seeds", "2", "--steps", "30", "--out", str(out)])
+    rows = result["schedules"]
+    assert rows["cosine, 3 hard restarts"]["capped_per_run"] >= 1  # a restart inside 30 steps, after the 20 averaged
+    assert rows["cosine, 100-step warmup"]["capped_per_run"] == 0  # a smooth rise is never capped
+    assert all(math.isfinite(r["cost"]["mean"]) for r in rows.values())
+    assert read_json(out / "lr_guard_schedules.json")["seeds"] == 2
+    assert "| cosine, 3 hard restarts |" in (out / "lr_guard_schedules.md").read_text()

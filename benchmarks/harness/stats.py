@@ -12,7 +12,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
-__all__ = ["t975", "Interval", "mean_interval", "paired", "ratio"]
+__all__ = ["t975", "Interval", "mean_interval", "paired", "ratio", "share_of_gap"]
 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
@@ -74,3 +74,11 @@ def paired(a: Mapping[int, float], b: Mapping[int, float]) -> Interval:
 def ratio(a: Mapping[int, float], b: Mapping[int, float]) -> Interval:
     """``a[seed] / b[seed]`` over the seeds both have (``b`` must not be 0): mean and 95 % interval."""
     return mean_interval([a[s] / b[s] for s in sorted(set(a) & set(b)) if b[s] != 0])
+
+
+def share_of_gap(a: Mapping[int, float], ref: Mapping[int, float], best: Mapping[int, float]) -> Interval:
+    """How much of the gap from ``ref`` to ``best`` ``a`` closes, per seed: ``(ref - a) / (ref - best)`` over the
+    seeds all three have (seeds where ``ref == best`` are left out): mean and 95 % interval. 1: as good as
+    ``best``; 0: as ``ref``; above 1: better than ``best``."""
+    seeds = sorted(set(a) & set(ref) & set(best))
+    return mean_interval([(ref[s] - a[s]) / (ref[s] - best[s]) for s in seeds if ref[s] != best[s]])

@@ -3,9 +3,12 @@
 A run's cache key holds everything its numbers depend on: the settings, the method's resolved
 configuration (so ``recommended`` is rerun when :meth:`ClipConfig.recommended` changes), the task,
 the fault (clean runs of a task share one key: they are the same run), the seed, and a hash of the
-source that runs (the package but its reporting, and this harness's training code: any change to the
-clipping code reruns everything). The cache is a JSON-lines file;
-an interrupted sweep resumes where it stopped.
+source that runs: for the pack's methods the package but its reporting, and this harness's training code (any
+change to the clipping code reruns them); for the methods that run none of the pack's clipping code (the stock
+Trainer, zclip, the OLMo-core rule, the micro-batch oracle: ``PEER_KINDS``) only the harness, the demo's training
+code and the stand-ins, so a change to the package does not rerun them. An oracle enters the key resolved for its
+run (the steps or micro-batches it drops). The cache is a JSON-lines file; an interrupted sweep resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .methods import Method, method as get_method
+from .methods import Method, method as get_method, resolve
 from .scenarios import Scenario, scenario as get_scenario
 from .tasks import Settings
 from .training import train_one
 
-__all__ = ["code_hash", "RunStore", "run_key", "run_grid"]
+__all__ = ["code_hash", "code_hashes", "RunStore", "run_key", "run_grid", "PEER_KINDS"]
+
+# method kinds that run none of the pack's clipping code (resolved kinds: ``drop`` is the micro-batch oracle)
+PEER_KINDS = ("trainer", "zclip", "olmo", "drop")
 
 # files that cannot change a run's numbers (reporting, statistics, the demo's command line and report)
 # (scenarios and methods enter the key by their fields instead)
@@ -35,12 +41,17 @@ _NOT_RUN_CODE = {"gradclip_hf/demo/__init__.py", "gradclip_hf/demo/runs.py", "gr
 _NOT_RUN_FOLDERS = ("gradclip_hf/report/",)
 
 
-def code_hash() -> str:
-    """sha1 (10 hex digits) of the Python source that runs: the package's and this harness's, less the files in
-    ``_NOT_RUN_CODE`` and ``_NOT_RUN_FOLDERS``."""
+def code_hash(scope: str = "pack") -> str:
+    """sha1 (10 hex digits) of the Python source that runs, less the files in ``_NOT_RUN_CODE`` and
+    ``_NOT_RUN_FOLDERS``: ``scope="pack"``: the package's and this harness's; ``"peer"``: this harness's, the demo's
+    and the stand-ins' (what a ``PEER_KINDS`` method runs)."""
+    if scope not in ("pack", "peer"):
+        raise ValueError(f"`scope` must be 'pack' or 'peer', got {scope!r}.")
     root = Path(__file__).resolve().parents[2]
     digest = hashlib.sha1()
-    paths = [*(root / "gradclip_hf").rglob("*.py"), *(root / "benchmarks" / "harness").rglob("*.py")]
+    package = [root / "gradclip_hf" / "standins.py", *(root / "gradclip_hf" / "demo").rglob("*.py")] \
+        if scope == "peer" else list((root / "gradclip_hf").rglob("*.py"))
+    paths = [*package, *(root / "benchmarks" / "harness").rglob("*.py")]
     for path in sorted(paths):
         rel = path.relative_to(root).as_posix()
         if rel in _NOT_RUN_CODE or rel.startswith(_NOT_RUN_FOLDERS):
@@ -49,7 +60,16 @@ def code_hash() -> str:
     return digest.hexdigest()[:10]
 
 
-def run_key(m: Method, sc: Scenario, seed: int, faulted: bool, settings: Settings, code: str) -> str:
+def code_hashes() -> dict[str, str]:
+    """``{"pack": code_hash("pack"), "peer": code_hash("peer")}``."""
+    return {scope: code_hash(scope) for scope in ("pack", "peer")}
+
+
+def run_key(m: Method, sc: Scenario, seed: int, faulted: bool, settings: Settings, code: str | dict[str, str]) -> str:
+    """The cache key of one run; ``code``: a source hash, or ``{"pack": ..., "peer": ...}`` (by ``m``'s kind)."""
+    m = resolve(m, sc, faulted, settings)
+    if isinstance(code, dict):
+        code = code["peer" if m.kind in PEER_KINDS else "pack"]
     fault = {k: v for k, v in asdict(sc).items() if k != "title"} if faulted and sc.fault != "none" else "clean"
     spec = json.dumps({"method": m.describe(), "task": sc.task, "fault": fault, "seed": seed,
                        "settings": asdict(settings), "code": code}, sort_keys=True)
@@ -81,7 +101,7 @@ class RunStore:
 
 
 def _get_or_train(store: RunStore, m: Method, sc: Scenario, seed: int, faulted: bool, settings: Settings,
-                  code: str, log: Callable[[str], None]) -> dict[str, Any]:
+                  code: str | dict[str, str], log: Callable[[str], None]) -> dict[str, Any]:
     key = run_key(m, sc, seed, faulted, settings, code)
     run = store.get(key)
     if run is None:
@@ -95,14 +115,14 @@ def _get_or_train(store: RunStore, m: Method, sc: Scenario, seed: int, faulted: 
 
 def run_grid(methods: Iterable[str | Method], scenarios: Iterable[str | Scenario], seeds: Iterable[int],
              settings: Settings = Settings(), store: RunStore | None = None,
-             log: Callable[[str], None] = print, code: str | None = None) -> list[dict[str, Any]]:
+             log: Callable[[str], None] = print, code: str | dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every (seed, method, scenario): ``{"method", "scenario", "seed", "faulted", "clean"}`` (run records;
     for a scenario without a fault both are the clean run). Seed by seed, so a partial sweep is usable.
-    ``code``: the source hash of the runs to use (default: this source's, :func:`code_hash`)."""
+    ``code``: the source hashes of the runs to use (default: this source's, :func:`code_hashes`)."""
     store = store if store is not None else RunStore()
     ms = [get_method(m) if isinstance(m, str) else m for m in methods]
     scs = [get_scenario(s) if isinstance(s, str) else s for s in scenarios]
-    code = code or code_hash()
+    code = code or code_hashes()
     out = []
     for seed in seeds:
         for m in ms:

@@ -7,6 +7,10 @@
   cached per seed in memory).
 * ``sft``: full fine-tuning of that pretrained model on prompt/response examples of variable length
   (:mod:`.sft`), padded per batch.
+* ``pretrain_ga4``, ``pretrain_ga8``: ``pretrain`` with gradient accumulation: the same ``batch`` samples per
+  optimizer step (so the data order, the fault steps and the number of samples per update are those of
+  ``pretrain``), fed as 4 or 8 micro-batches of ``batch / 4`` or ``batch / 8`` samples. Micro-batch ``k`` of step
+  ``t`` holds the step's samples ``k * micro ... (k + 1) * micro - 1`` (:func:`micro_batch_of`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ from gradclip_hf.standins import pretrained_tiny_llama, shuffled, stdlib_blocks,
 
 from .sft import pad_collate, sft_examples
 
-__all__ = ["Settings", "Task", "task_data", "task_model", "base_model", "trainer_arguments"]
+__all__ = ["Settings", "Task", "task_data", "task_model", "base_model", "trainer_arguments", "ACCUMULATION",
+           "base_task", "accumulation", "micro_batch_size", "micro_batch_of", "accumulation_arguments"]
+
+# tasks that are another task with gradient accumulation: name -> (base task, micro-batches per optimizer step)
+ACCUMULATION: dict[str, tuple[str, int]] = {"pretrain_ga4": ("pretrain", 4), "pretrain_ga8": ("pretrain", 8)}
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -38,7 +46,39 @@ class Settings(demo.Settings):
     sft_lr: float = 1e-3
 
     def task_lr(self, task: str) -> float:
-        return {"pretrain": self.lr, "lora": self.lora_lr, "sft": self.sft_lr}[task]
+        return {"pretrain": self.lr, "lora": self.lora_lr, "sft": self.sft_lr}[base_task(task)]
+
+
+def base_task(task: str) -> str:
+    """The task ``task`` runs (``pretrain`` for ``pretrain_ga4``)."""
+    return ACCUMULATION.get(task, (task, 1))[0]
+
+
+def accumulation(task: str) -> int:
+    """Micro-batches per optimizer step of ``task`` (1: no accumulation)."""
+    return ACCUMULATION.get(task, (task, 1))[1]
+
+
+def micro_batch_size(task: str, s: Settings) -> int:
+    """Samples per micro-batch of ``task``: ``s.batch / accumulation``; ``ValueError`` if it does not divide."""
+    ga = accumulation(task)
+    if s.batch % ga:
+        raise ValueError(f"task {task!r} accumulates {ga} micro-batches per step: `batch` must be a multiple of "
+                         f"{ga}, got {s.batch!r}.")
+    return s.batch // ga
+
+
+def micro_batch_of(position: int, task: str, s: Settings) -> int:
+    """The micro-batch (0-based, within its optimizer step) that holds the step's sample ``position``."""
+    return position // micro_batch_size(task, s)
+
+
+def accumulation_arguments(task: str, s: Settings) -> dict[str, int]:
+    """``TrainingArguments`` keywords of ``task``'s accumulation (none without it)."""
+    ga = accumulation(task)
+    if ga == 1:
+        return {}
+    return {"per_device_train_batch_size": micro_batch_size(task, s), "gradient_accumulation_steps": ga}
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,6 +91,7 @@ def _sft(s: Settings) -> tuple[list, list]:
 
 
 def task_data(task: str, s: Settings, seed: int) -> Task:
+    task = base_task(task)
     if task == "sft":
         train, held_out = _sft(s)
         return Task(shuffled(train, seed), held_out, pad_collate)
@@ -79,6 +120,7 @@ def base_model(s: Settings, seed: int):
 
 def task_model(task: str, s: Settings, seed: int):
     """A fresh model for one run of ``task`` (same weights for the same seed)."""
+    task = base_task(task)
     if task == "pretrain":
         return demo.task_model(task, s, seed)
     model = base_model(s, seed)

@@ -18,14 +18,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, NamedTuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import OptionError, StateError, check_bool, check_choice, check_int, check_patterns
-from .norms import GradNorms, combine_norms, grad_norms, to_local
+from .gate import GateStep
+from .nonfinite import NonFiniteGradientError, NonFinitePolicy, zero_if_
+from .norms import GradNorms, combine_norms, grad_norms
 from .schedules import Schedule
 from .report import ClipReport, Pending
 from .spikes import SpikeController, SpikeDecision
@@ -35,30 +36,6 @@ __all__ = ["GradClipper", "ClipGroup", "ClipReport", "NonFinitePolicy", "NonFini
 
 Parameters = Union[nn.Module, Iterable[nn.Parameter], Iterable[tuple[str, nn.Parameter]]]
 DEFAULT_GROUP = "default"
-
-
-class NonFinitePolicy(str, Enum):
-    """What to do when any gradient holds a NaN or Inf.
-
-    - ``skip``: report ``skip=True``: the update must not be applied (the integrations skip it inside the
-      optimizer step; a hand-written loop checks ``report.skip``).
-    - ``zero``: zero all gradients of the step (no host sync; the optimizer still steps, so momentum and
-      weight decay still move the weights).
-    - ``raise``: raise :class:`NonFiniteGradientError` before any gradient is changed (one host read per step).
-    - ``ignore``: do nothing (e.g. fp16 with a GradScaler, which skips such steps itself).
-    """
-
-    SKIP = "skip"
-    ZERO = "zero"
-    RAISE = "raise"
-    IGNORE = "ignore"
-
-
-class NonFiniteGradientError(FloatingPointError, RuntimeError):
-    """A gradient held a NaN or Inf and ``nonfinite="raise"`` was chosen.
-
-    A ``RuntimeError``, as torch's ``clip_grad_norm_(error_if_nonfinite=True)`` raises, so code written for
-    torch catches it; also a ``FloatingPointError``, as in earlier versions of the pack."""
 
 
 @dataclass(frozen=True)
@@ -107,12 +84,12 @@ def _named(parameters: Parameters) -> list[tuple[str, nn.Parameter]]:
     return [(f"param_{i}", p) for i, p in enumerate(items)]
 
 
-def _zero_if_(condition: Tensor, grads: list[Tensor]) -> None:
-    """Zero every gradient where the 0-dim bool ``condition`` holds, without a host sync: ``nan_to_num_``
-    clears NaN/Inf (a multiply alone keeps ``NaN * 0``), then a foreach multiply by 0/1 (bit-exact when 1)."""
-    for g in grads:
-        to_local(g).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    scale_grads_(grads, (~condition).to(torch.float32))
+def _rescaled(m: _Measured, rescale: Tensor) -> _Measured:
+    """A group as the micro-batch gate's rescale makes it: the norms scaled; an element-wise strategy's gradients
+    too, in place (the one pass the gate adds, for these strategies only: they clip the elements themselves)."""
+    if not m.strategy.scalar:
+        scale_grads_(m.grads, rescale)
+    return m._replace(norms=m.norms.scaled(rescale))
 
 
 class GradClipper:
@@ -250,7 +227,7 @@ class GradClipper:
 
     @torch.no_grad()
     def plan(self, parameters: Parameters, step: int, *, loss: Tensor | None = None,
-             factor: float | Tensor = 1.0, observe: Tensor | None = None) -> ClipReport:
+             factor: float | Tensor = 1.0, observe: Tensor | None = None, gate: GateStep | None = None) -> ClipReport:
         """Measure the gradients of ``parameters`` and decide their clip, once per optimizer step, after backward
         (and after unscaling fp16 gradients): the norms, the spike controller, the thresholds and the
         statistics. No scalar multiplier is written yet (:meth:`apply_` does, or the caller hands it to the
@@ -262,6 +239,10 @@ class GradClipper:
             loss: the step loss (0-dim tensor, mean over micro-batches) for the spike controller.
             factor: extra multiplier of the thresholds, float or 0-dim tensor.
             observe: 0-dim bool tensor; False keeps this step out of adaptive statistics.
+            gate: the micro-batch gate's step (:meth:`~.gate.MicroBatchGate.close`): the gradients are the kept
+                micro-batches' sum, measured and clipped as their mean (``gate.rescale``, folded into each
+                scalar group's multiplier; element-wise groups and unmeasured gradients are rescaled in place);
+                the spike controller judges the kept loss; a step with nothing kept stays out of the statistics.
 
         Raises:
             ValueError: no selected parameter has a gradient.
@@ -269,21 +250,28 @@ class GradClipper:
         """
         check_int("step", step, low=0)
         measured, others = self._measure(self._select(parameters))
+        if gate is not None:
+            measured = [_rescaled(m, gate.rescale) for m in measured]
         norm = combine_norms([m.norms.total for m in measured], self.strategy.norm_type)
         nonfinite = self._nonfinite(norm, others)
         self._raise_if(nonfinite, norm, step)
         observe = ~nonfinite if observe is None else observe & ~nonfinite
+        if gate is not None:
+            observe = observe & gate.kept.to(observe.device)
         decision = None
         if self.spikes is not None:
-            decision = self.spikes.decide(self.spikes.observe_loss(loss, step, norm.device), norm)
+            decision = self.spikes.decide(self.spikes.observe_loss(loss, step, norm.device, gate), norm)
             factor = decision.factor * factor
-            observe = observe & ~decision.spike
+            observe = observe & ~(decision.loss_spike | decision.norm_spike)
         scale = self.scale_at(step) * factor
         outcomes = {m.group: self._plan_group(m, scale, observe) for m in measured}
         zero = [g for m in measured for g in m.grads] + others if self.nonfinite is NonFinitePolicy.ZERO else None
         pending = Pending([(m.grads, outcomes[m.group]) for m in measured if m.strategy.scalar], zero, nonfinite,
-                           len(measured) == 1 and measured[0].strategy.scalar and not others)
-        return self._report(step, norm, nonfinite, scale, measured, outcomes, decision, pending)
+                           len(measured) == 1 and measured[0].strategy.scalar and not others,
+                           None if gate is None else gate.rescale, others if gate is not None else None)
+        report = self._report(step, norm, nonfinite, scale, measured, outcomes, decision, pending)
+        report.gate = gate
+        return report
 
     @torch.no_grad()
     def apply_(self, report: ClipReport, *, hand_off: bool = False) -> Tensor | None:
@@ -297,15 +285,18 @@ class GradClipper:
         pending, report.pending = report.pending, None
         if pending is None:
             return None
-        coef = None
+        coef, rescale = None, pending.rescale
         if hand_off and pending.single:
             coef = pending.scaled[0][1].coef.to(torch.float32)
             coef = torch.where(pending.nonfinite | ~(coef > 0), torch.ones_like(coef), coef)
+            coef = coef if rescale is None else coef * rescale.to(coef.device)
         else:
             for grads, outcome in pending.scaled:
-                scale_grads_(grads, outcome.coef)
+                scale_grads_(grads, outcome.coef if rescale is None else outcome.coef * rescale.to(outcome.coef.device))
+        if rescale is not None and pending.unmeasured:
+            scale_grads_(pending.unmeasured, rescale)
         if pending.zero is not None:
-            _zero_if_(pending.nonfinite, pending.zero)
+            zero_if_(pending.nonfinite, pending.zero)
         report.optimizer_coef = coef
         return coef
 

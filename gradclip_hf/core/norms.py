@@ -52,6 +52,11 @@ class GradNorms:
     per_tensor: Tensor
     norm_type: float
 
+    def scaled(self, factor: Tensor) -> "GradNorms":
+        """The norms of the gradients times the 0-dim ``factor > 0`` (a norm is homogeneous: no pass over them)."""
+        return GradNorms(self.total * factor.to(self.total.device, self.total.dtype),
+                         self.per_tensor * factor.to(self.per_tensor.device, self.per_tensor.dtype), self.norm_type)
+
 
 @torch.no_grad()
 def grad_norms(grads: list[Tensor], norm_type: float = 2.0, foreach: bool | None = None) -> GradNorms:

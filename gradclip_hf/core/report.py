@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .gate import GateStep
 from .spikes import SpikeDecision
 from .strategies import ClipOutcome
 
@@ -21,6 +22,8 @@ class Pending(NamedTuple):
     zero: list[Tensor] | None  # nonfinite="zero": every gradient, zeroed where ``nonfinite`` holds
     nonfinite: Tensor
     single: bool  # one scalar group measures every gradient: its multiplier can go to the optimizer
+    rescale: Tensor | None = None  # the micro-batch gate's rescale: times each scalar group's multiplier
+    unmeasured: list[Tensor] | None = None  # gradients not measured that the rescale still multiplies
 
 
 @dataclass
@@ -38,6 +41,8 @@ class ClipReport:
         scale: schedule value times factor, the multiplier of the strategies' thresholds.
         names / per_tensor_norms: the measured parameters and their pre-clip norms (1-dim).
         groups: each group's :class:`ClipOutcome`; spike: the :class:`SpikeDecision` (``None`` without one).
+        gate: the micro-batch gate's step (:class:`~gradclip_hf.core.gate.GateStep`; ``None`` without a gate):
+            the norms are those of the kept micro-batches' mean gradient.
         optimizer_coef: the multiplier handed to the optimizer instead of applied to the gradients
             (``apply_(report, hand_off=True)``; finite and > 0, 1 on non-finite steps); else ``None``.
     """
@@ -55,6 +60,7 @@ class ClipReport:
     per_tensor_norms: Tensor
     groups: dict[str, ClipOutcome] = field(default_factory=dict)
     spike: SpikeDecision | None = None
+    gate: GateStep | None = None
     optimizer_coef: Tensor | None = None
     pending: "Pending | None" = field(default=None, repr=False, compare=False)  # what apply_() still writes
 

@@ -3,7 +3,8 @@ runs, and the benchmark gallery's through ``benchmarks/harness/training.py``, wh
 methods and scenarios in).
 
 :func:`train_one` returns the per-step series (training loss, pre-clip norm, threshold, post-clip
-norm), the steps the method flagged and skipped, and the final eval loss on the task's held-out
+norm), the steps the method flagged and skipped (and where the micro-batch gate dropped micro-batches,
+``dropped_steps``), and the final eval loss on the task's held-out
 data. Same arguments, same numbers (1 torch thread on CPU). The clean run (``faulted=False``) has the
 same initialisation, data order and steps; for batch faults it trains on the clean batches the bad
 ones displaced, so it is the same run for every batch fault of a task.
@@ -24,7 +25,8 @@ from .tasks import Settings, task_data, task_model, trainer_arguments
 __all__ = ["train_one", "fault_callbacks", "SERIES_KEYS"]
 
 SERIES_KEYS = {"loss": "loss", "grad_norm": "grad_norm", "threshold": "gradclip/threshold",
-               "norm_post": "gradclip/norm_post", "spikes": "gradclip/spikes", "skipped": "gradclip/skipped_steps"}
+               "norm_post": "gradclip/norm_post", "spikes": "gradclip/spikes", "skipped": "gradclip/skipped_steps",
+               "dropped": "gradclip/dropped_micro_batches"}
 
 
 def fault_callbacks(sc: Scenario, steps: Sequence[int]) -> list[Any]:
@@ -84,4 +86,5 @@ def train_one(method: Method | str, scenario: Scenario | str, seed: int, faulted
             "fault_steps": steps, "eval_loss": eval_loss, "evals": evals,
             "series": {k: series[k] for k in ("loss", "grad_norm", "threshold", "norm_post")},
             "spike_steps": spikes, "skipped_steps": skipped, "clip_rate": m.clip_rate(series),
+            "dropped_steps": [t for t, v in enumerate(series["dropped"]) if v > 0],  # the micro-batch gate's
             "seconds": seconds, "steps_done": trainer.state.global_step, "settings": settings.key()}

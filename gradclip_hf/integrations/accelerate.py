@@ -102,7 +102,9 @@ class AcceleratorClipper:
         self.state = _LoopState(total_steps)
         hand_off = (config or ClipConfig()).defers_to_optimizer
         unscale = lambda: accelerator.unscale_gradients(optimizer)  # noqa: E731  (fp16: through accelerate)
-        self.run = ClipRun(config, clipper, args=SimpleNamespace(max_grad_norm=max_grad_norm), state=self.state,
+        args = SimpleNamespace(max_grad_norm=max_grad_norm,
+                               gradient_accumulation_steps=int(getattr(accelerator, "gradient_accumulation_steps", 1)))
+        self.run = ClipRun(config, clipper, args=args, state=self.state,
                            owner=type(self).__name__,
                            backend=lambda c: LocalStep(c, optimizer, hand_off=hand_off, unscale=unscale))
         spikes = self.run.clipper.spikes
@@ -118,6 +120,24 @@ class AcceleratorClipper:
         self._awaiting_step = False
 
     # ------------------------------------------------------------------ per micro-step
+    def gate(self, loss: Any, mean: Any = None, weight: Any = 1.0) -> Any:
+        """With ``spike_gate="micro_batch"``: call at every micro-step before ``accelerator.backward``,
+        ``loss = clipper.gate(loss)``. Returns ``loss * keep`` (``keep`` 0 for a micro-batch whose loss spikes
+        against the micro-batches before it: it adds no gradient; no host read); without the gate, ``loss``.
+
+        ``mean``: the micro-batch's mean loss, to judge (default: ``loss`` itself, the usual ``model(**batch).loss``);
+        ``weight``: its share of the step's gradient up to a constant (default 1: micro-batches enter equally, as
+        accelerate divides each loss by the accumulation steps; the number of label tokens where ``loss`` is a
+        sum over tokens divided by the step's count). At the optimizer step the kept gradient is rescaled to the
+        weighted mean of the kept micro-batches; a step with none kept is skipped.
+
+        Raises:
+            ValueError: ``loss`` is not a one-element tensor."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise OptionError("loss", loss if not isinstance(loss, torch.Tensor) else f"a tensor of shape "
+                              f"{list(loss.shape)}", "the micro-batch loss as a one-element tensor (model(**batch).loss)")
+        return self.run.gate_loss(loss, loss.detach().reshape(()) if mean is None else mean, weight)
+
     def clip_(self, loss: Any = None) -> ClipReport | None:
         """Call after ``accelerator.backward(loss)``, before ``optimizer.step()``, at every micro-step.
 

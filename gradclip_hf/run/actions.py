@@ -116,7 +116,10 @@ class StepActions:
             if scale is not None:
                 self.nonfinite_runs.add(report.nonfinite & (scale.reshape(-1)[0].to(report.nonfinite.device) <= 1))
         if self.loss_cap is not None and loss is not None:
-            loss = report.spike.loss if report.spike is not None else reduce_loss(loss.detach().float())
+            if report.gate is not None:  # the kept micro-batches' loss, the same on every rank (NaN: none kept)
+                loss = report.gate.loss
+            else:
+                loss = report.spike.loss if report.spike is not None else reduce_loss(loss.detach().float())
             loss = loss.to(report.norm.device)
             self.loss_runs.add(~torch.isfinite(loss) | (loss > self.loss_cap))
 

@@ -23,10 +23,14 @@ One step, as the run calls a backend::
     backend.apply(report, skip, skip_now)          # the multiplier and the decision go to the update
     backend.end_step()                             # after the loop's own bookkeeping of the step
 
-Seams for what comes next: :meth:`StepBackend.before_backward` may return the loss scaled by a device tensor
-(``loss * keep`` drops a micro-batch's gradient; a non-finite factor makes an engine take its own overflow
-path), and :meth:`StepBackend.apply` is where a step's multiplier is computed once, so a rescale of the kept
-micro-batches can ride on it without another pass.
+The micro-batch gate (``spike_gate="micro_batch"``, :mod:`gradclip_hf.core.gate`) runs before the backend sees
+a micro-batch: the run hands :meth:`StepBackend.before_backward` the loss already multiplied by its keep flag
+(``loss * keep``: a dropped micro-batch adds no gradient), and :meth:`StepBackend.measure` the step's
+:class:`~gradclip_hf.core.gate.GateStep` (``gate=``): the factor that makes the kept sum the kept mean rides on
+the clip multiplier, so the local path needs no extra pass; a step with nothing kept is skipped by the
+decision. The gate's step is there before the last backward too (``run.gate.close()`` is idempotent until the
+step ends): an engine that steps inside it can rescale and skip there (a non-finite factor makes an engine take
+its own overflow path).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ..core import ClipReport, GradClipper, NonFinitePolicy, TrainingSnapshot
+from ..core.gate import GateStep
 from .compat import inner_optimizer, loss_scale, scaler_enabled, unscale_once
 from .gate import StepGate
 
@@ -57,11 +62,14 @@ class StepBackend:
       (the step loss is needed before the last backward);
     - ``hand_off``: the clip multiplier goes to the optimizer instead of into the gradients;
     - ``optimizer``: the torch optimizer whose state a rollback snapshot keeps (``None``: none reachable);
-    - ``scaler``: an fp16 loss scaler skips overflow steps itself.
+    - ``scaler``: an fp16 loss scaler skips overflow steps itself;
+    - ``uncomputed_listed``: a listed step's batches may be consumed without a forward or a backward (the update
+      is then held back with :meth:`hold`); ``False``: they are computed and the update skipped as decided.
     """
 
     name = "base"
     guard = holds = host_decision = layer_norms = loss_before_backward = hand_off = scaler = False
+    uncomputed_listed = True
     optimizer: Any = None
 
     def start(self, step: int) -> None:
@@ -72,9 +80,20 @@ class StepBackend:
         step's last micro-batch; ``step_loss``: the step's loss when ``last`` (mean over its micro-batches)."""
         return loss
 
-    def measure(self, model: Any, step: int, loss: Tensor | None) -> ClipReport | None:
-        """At the optimizer step: the step's report (``None``: nothing to report this step)."""
+    def measure(self, model: Any, step: int, loss: Tensor | None, **gate: Any) -> ClipReport | None:
+        """At the optimizer step: the step's report (``None``: nothing to report this step). With a micro-batch
+        gate, ``gate=`` its :class:`~gradclip_hf.core.gate.GateStep` (the kept micro-batches' rescale and loss)."""
         raise NotImplementedError
+
+    def hold(self) -> None:
+        """Hold back the coming update whole, with no report (a listed step whose batches were not computed)."""
+
+    def guard_lr(self, guard: Any) -> None:
+        """Cap the learning rate of each update with ``guard`` (a :class:`~gradclip_hf.core.LRGuard`) inside the
+        optimizer's step; a backend whose optimizer steps elsewhere refuses (``ValueError`` with the fix)."""
+        raise ValueError(f"lr_guard caps the learning rate inside the optimizer's step, which the {self.name} path "
+                         f"does not reach (its engine steps inside backward()): leave lr_guard unset, or train "
+                         f"without DeepSpeed (DDP or FSDP2).")
 
     def nonfinite_skip(self, report: ClipReport) -> Tensor:
         """Whether this path skips the update of a step with a NaN/Inf gradient (device flag)."""
@@ -128,11 +147,21 @@ class LocalStep(StepBackend):
         self.guard = clipper.nonfinite is NonFinitePolicy.SKIP and not self.scaler
         self.host_decision = self.gate is not None and not self.gate.fused
 
-    def measure(self, model: Any, step: int, loss: Tensor | None) -> ClipReport:
+    def measure(self, model: Any, step: int, loss: Tensor | None, gate: GateStep | None = None) -> ClipReport:
         """Unscale fp16 gradients once, then plan the clip (nothing written yet: :meth:`apply` does)."""
         if self.stepped is not None:
             unscale_once(self.stepped, self.unscale)
-        return self.clipper.plan(model, step=step, loss=loss)
+        return self.clipper.plan(model, step=step, loss=loss, gate=gate)
+
+    def hold(self) -> None:
+        if self.gate is not None:
+            self.gate.hold()
+
+    def guard_lr(self, guard: Any) -> None:
+        if self.gate is None:
+            raise ValueError("lr_guard needs the optimizer (a torch optimizer whose step() the pack hooks): pass it "
+                             "to the run, or leave lr_guard unset.")
+        self.gate.lr_guard = guard
 
     def apply(self, report: ClipReport, skip: Tensor, skip_now: bool) -> None:
         coef = self.clipper.apply_(report, hand_off=self.hand_off)

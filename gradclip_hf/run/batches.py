@@ -124,7 +124,8 @@ class BatchTracker:
     def __init__(self, samples: int, capacity: int):
         self.samples, self.capacity = max(1, samples), capacity
         self._step_prints: list[Tensor] = []
-        self._first: Tensor | None = None
+        self._step_dropped: list[Tensor | None] = []  # per micro-batch: the micro-batch gate dropped it
+        self._firsts: list[Tensor] = []  # per micro-batch: the first tokens of its first sample
         self.rings: dict[str, Tensor] | None = None
         self.count: Tensor | None = None
         self.sampler: IndexRecord | None = None
@@ -133,25 +134,33 @@ class BatchTracker:
         self._consumed_before = 0
         self._windows: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
 
-    def add(self, inputs: Any) -> None:
-        """A micro-batch (the ``inputs`` of ``training_step``); device work only."""
+    def add(self, inputs: Any, dropped: Tensor | None = None) -> None:
+        """A micro-batch (the ``inputs`` of ``training_step``; ``dropped``: the micro-batch gate dropped it, a
+        0-dim bool); device work only."""
         ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
         if not isinstance(ids, Tensor) or ids.ndim > 2:
             return
         mask = inputs.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.shape == ids.shape else None  # not a 4-d packing mask
         self._step_prints.append(fingerprints(ids, mask))
+        self._step_dropped.append(dropped)
         self.consumed += 1 if ids.ndim <= 1 else int(ids.shape[0])
-        if self._first is None:
-            self._first = _first_tokens(ids, mask)
+        self._firsts.append(_first_tokens(ids, mask))
 
-    def record(self, flag: Tensor, step: int) -> None:
-        """End of ``step`` (1-based): keep its batch where the 0-dim bool ``flag`` holds (spike or non-finite)."""
+    def record(self, flag: Tensor, step: int, whole: Tensor | None = None) -> None:
+        """End of ``step`` (1-based): keep its batch where the 0-dim bool ``flag`` holds (spike or non-finite):
+        every sample where ``whole`` holds (or is ``None``), else only those of the micro-batches the gate
+        dropped (the record then names the dropped micro-batches)."""
         self._note_window(step)
-        prints, first = self._step_prints, self._first
-        self._step_prints, self._first = [], None
+        prints, dropped, firsts = self._step_prints, self._step_dropped, self._firsts
+        self._step_prints, self._step_dropped, self._firsts = [], [], []
         if not prints:
             return
+        first = firsts[0]
+        if whole is not None and all(d is not None for d in dropped):  # the dropped micro-batches only
+            named = torch.stack([whole.to(flag.device) | d.to(flag.device) for d in dropped])
+            prints = [p * n.to(device=p.device, dtype=p.dtype) for p, n in zip(prints, named)]
+            first = torch.stack([f.to(flag.device) for f in firsts])[named.to(torch.int8).argmax()]
         row = self._row(prints, flag.device)
         if self.rings is None:
             self.rings = {"prints": torch.zeros((self.capacity, self.samples), dtype=torch.int64, device=flag.device),
@@ -160,6 +169,11 @@ class BatchTracker:
         ring_write_(self.rings["prints"], self.count, row, flag)
         ring_write_(self.rings["first"], self.count, first.to(flag.device), flag)
         self.count.add_(flag.to(torch.int64))
+
+    def pass_step(self, step: int) -> None:
+        """End of a ``step`` that is recorded without a device flag (a listed step, not computed)."""
+        self._note_window(step)
+        self._step_prints, self._step_dropped, self._firsts = [], [], []
 
     def _row(self, prints: list[Tensor], device: torch.device) -> Tensor:
         row = torch.cat([p.to(device) for p in prints])[: self.samples]

@@ -19,11 +19,15 @@ def skip_update(report: ClipReport, backend: StepBackend, listed: bool) -> Tenso
       under ``nonfinite="skip"``, or an engine's own overflow check);
     - a spike whose action holds the update back (``skip``, ``rollback``, ``stop``), where the update has not
       happened yet (``backend.holds``);
+    - a step whose micro-batches the micro-batch gate dropped, every one of them (``report.gate.kept`` False,
+      the same on every rank after the gate's all-reduce), where the update has not happened yet;
     - a step that ``skip_steps`` / ``skip_steps_from`` lists (``listed``, known on the host), always.
     """
     skip = backend.nonfinite_skip(report)
     if backend.holds and report.spike is not None:
         skip = skip | report.spike.act
+    if backend.holds and report.gate is not None:
+        skip = skip | ~report.gate.kept.to(skip.device)
     if listed:
         skip = torch.ones_like(skip)
     return skip

@@ -56,6 +56,8 @@ class StepGate:
         self.optimizer = optimizer
         self.fused = supports_grad_scale(optimizer)
         self._armed: _Decision | None = None
+        self.lr_guard: Any = None  # a core LRGuard: caps the learning rates of the steps the gate is armed for
+        self._lr_saved: list[tuple[dict, Any]] = []
         self._restore: list[tuple[str, Any]] = []
         self._hidden: list[tuple[Tensor, Tensor]] = []
         self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
@@ -68,6 +70,13 @@ class StepGate:
         if coef is not None and not self.fused:
             raise ValueError("A clip multiplier can only be handed to a fused optimizer; clip in place instead.")
         self._armed = _Decision(coef, skip, skip_now)
+
+    def hold(self) -> None:
+        """Skip the coming ``step()`` whole, with no clip (a step whose batches were not computed): a fused
+        optimizer gets ``found_inf = 1`` (on the device of its first parameter), any other its gradients hidden."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        skip = torch.ones((), dtype=torch.bool, device=params[0].device) if params and self.fused else None
+        self._armed = _Decision(None, skip, True)
 
     def disarm(self) -> None:
         self._armed = None
@@ -83,6 +92,8 @@ class StepGate:
         decision, self._armed = self._armed, None
         if decision is None:
             return
+        if self.lr_guard is not None:
+            self._lr_saved = self.lr_guard.before_step(optimizer)
         if self.fused:
             self._set_fused(optimizer, decision)
         elif decision.skip_now:
@@ -96,7 +107,9 @@ class StepGate:
                 setattr(optimizer, name, value)
         for param, grad in self._hidden:
             param.grad = grad
-        self._restore, self._hidden = [], []
+        if self._lr_saved:
+            self.lr_guard.after_step(self._lr_saved)
+        self._restore, self._hidden, self._lr_saved = [], [], []
 
     def _set(self, optimizer: Any, name: str, value: Tensor) -> None:
         self._restore.append((name, getattr(optimizer, name, _UNSET)))

@@ -15,10 +15,12 @@ import re
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from ..config import ClipConfig, check_max_grad_norm
 from ..spikefile import FILE_NAME as SPIKE_FILE
 from ..spikeruns import Flagged, describe_run, group_runs
 
-__all__ = ["LAYER_PREFIX", "SPIKE_LAYER_PREFIX", "LayerSelector", "SpikeMessages", "logger", "is_layer_key"]
+__all__ = ["LAYER_PREFIX", "SPIKE_LAYER_PREFIX", "LayerSelector", "SpikeMessages", "logger", "is_layer_key",
+           "describe_threshold"]
 
 logger = logging.getLogger("transformers.gradclip_hf")  # transformers.logging.set_verbosity_* applies
 MAX_MESSAGES = 5  # runs of spikes said per logging step; the rest in one summary line
@@ -30,6 +32,22 @@ SPIKE_LAYER_PREFIX = "gradclip/spike_layer/"
 def is_layer_key(key: str) -> bool:
     """Per-layer keys: in the logs for the reporters (W&B, TensorBoard, ...), not printed on the console."""
     return LAYER_PREFIX in key or SPIKE_LAYER_PREFIX in key
+
+
+def describe_threshold(c: ClipConfig, max_grad_norm: Any) -> str:
+    """``"strategy norm, threshold 1 (from max_grad_norm=1)"``: the threshold in force and where it came from."""
+    threshold = c.resolved_threshold(max_grad_norm)
+    if c.threshold is not None:
+        source = "set on the pack"
+    elif threshold is None:
+        source = "none: the strategy sets its own"
+    elif math.isinf(threshold):
+        off = "no cap" if c.strategy == "zscore" else "no clipping, norms measured"
+        source = f"max_grad_norm={check_max_grad_norm(max_grad_norm):g}: {off}"
+    else:
+        source = f"from max_grad_norm={threshold:g}"
+    shown = "none" if threshold is None or math.isinf(threshold) else f"{threshold:g}"
+    return f"strategy {c.strategy}, threshold {shown} ({source})"
 
 
 def _rank(value: float) -> tuple[int, float]:

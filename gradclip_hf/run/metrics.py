@@ -15,8 +15,14 @@ Metric keys (all since the previous log unless noted):
 ``gradclip/coef``              post/pre norm ratio of the last step
 ``gradclip/clip_rate``         fraction of steps that were clipped
 ``gradclip/nonfinite_steps``   steps with a NaN/Inf gradient
-``gradclip/skipped_steps``     steps whose update was skipped (non-finite, spike, or listed)
-``gradclip/spikes``            spikes flagged (spike controller on)
+``gradclip/skipped_steps``     steps whose update was skipped (non-finite, spike, listed, or every
+                               micro-batch dropped)
+``gradclip/spikes``            spikes flagged (spike controller on; a step with a dropped micro-batch
+                               counts once)
+``gradclip/dropped_micro_batches``  micro-batches the micro-batch gate dropped before their backward, over
+                               every process (``spike_gate="micro_batch"`` only)
+``gradclip/listed_steps``      listed steps whose batches were consumed without being computed (only in a
+                               row that has some; the row's ``loss`` is then the mean of the computed steps)
 ``gradclip/spike_factor``      threshold factor of the spike controller at the last step
 ``gradclip/layer/<name>``      pre-clip norm of a layer at the last step: the ``log_layers_top_k``
                                largest and those matching ``log_layer_patterns`` (not printed)
@@ -34,12 +40,13 @@ from torch import Tensor
 from ..core import ClipReport
 from ..core._state import to_host
 
-__all__ = ["StepLoss", "MetricsWindow", "to_host", "METRIC_KEYS", "SPIKE_KEYS"]
+__all__ = ["StepLoss", "MetricsWindow", "to_host", "METRIC_KEYS", "SPIKE_KEYS", "GATE_KEYS"]
 
 METRIC_KEYS = ("grad_norm", "gradclip/norm_mean", "gradclip/norm_max", "gradclip/norm_post",
                "gradclip/threshold", "gradclip/coef", "gradclip/clip_rate", "gradclip/nonfinite_steps",
                "gradclip/skipped_steps", "gradclip/spikes", "gradclip/spike_factor")
 SPIKE_KEYS = ("gradclip/spikes", "gradclip/spike_factor")
+GATE_KEYS = ("gradclip/dropped_micro_batches",)
 _COUNTS = ("gradclip/nonfinite_steps", "gradclip/skipped_steps", "gradclip/spikes")
 
 
@@ -63,9 +70,10 @@ class StepLoss:
 class MetricsWindow:
     """Device aggregates of the steps since the last logging step."""
 
-    FIELDS = ("norm_sum", "norm_max", "finite", "steps", "clipped", "nonfinite", "skipped", "spikes")
+    FIELDS = ("norm_sum", "norm_max", "finite", "steps", "clipped", "nonfinite", "skipped", "spikes", "dropped")
 
-    def __init__(self) -> None:
+    def __init__(self, gate: bool = False) -> None:
+        self.gate = gate  # the run gates micro-batches: their drops are counted
         self.sums: dict[str, Tensor] | None = None
         self.spike_norms: Tensor | None = None  # per-tensor norms of the window's last spike step
         self.spike_names: list[str] = []
@@ -73,6 +81,8 @@ class MetricsWindow:
     def add(self, report: ClipReport, skipped: Tensor, keep_spike_layers: bool) -> None:
         norm = report.norm.detach().to(torch.float32)
         finite = torch.isfinite(norm)
+        if report.gate is not None:  # a step with every micro-batch dropped has no gradient: not a norm
+            finite = finite & report.gate.kept.to(norm.device)
         if self.sums is None:
             self.sums = {k: torch.zeros((), dtype=torch.float32, device=norm.device) for k in self.FIELDS}
         s = self.sums
@@ -86,6 +96,8 @@ class MetricsWindow:
         if report.spike is not None:
             spike = report.spike.spike.to(norm.device)
             s["spikes"] += spike.to(torch.float32)
+            if report.spike.dropped is not None:
+                s["dropped"] += report.spike.dropped.to(device=norm.device, dtype=torch.float32)
             if keep_spike_layers and report.names:  # a step without per-tensor norms (DeepSpeed: most) keeps them
                 self._keep_spike_layers(report, spike)
 
@@ -106,7 +118,8 @@ class MetricsWindow:
                 "gradclip/threshold": last.threshold, "gradclip/coef": last.coef,
                 "gradclip/clip_rate": s["clipped"] / s["steps"].clamp(min=1.0),
                 "gradclip/nonfinite_steps": s["nonfinite"], "gradclip/skipped_steps": s["skipped"],
-                "gradclip/spikes": s["spikes"], "gradclip/spike_factor": factor, "steps": s["steps"]}
+                "gradclip/spikes": s["spikes"], "gradclip/spike_factor": factor, "steps": s["steps"],
+                "gradclip/dropped_micro_batches": s["dropped"]}
 
     def metrics(self, values: dict[str, list[float]], with_spikes: bool) -> dict[str, float]:
         """The logged metrics from :func:`to_host`'s output; resets the window."""
@@ -117,4 +130,6 @@ class MetricsWindow:
         if not with_spikes:
             for key in SPIKE_KEYS:
                 del out[key]
+        if self.gate:
+            out["gradclip/dropped_micro_batches"] = int(values["gradclip/dropped_micro_batches"][0])
         return out

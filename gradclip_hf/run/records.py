@@ -18,12 +18,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..core._state import EventLog
+from ..core.gate import MAX_POSITIONS
 from .. import spikefile
 from .batches import BatchTracker, batch_fingerprint
 
 __all__ = ["EventRecorder"]
 TOP = 3
-_FIELDS = ("step", "nonfinite", "spike", "skipped", "loss", "norm", "threshold",
+_FIELDS = ("step", "nonfinite", "spike", "skipped", "loss", "norm", "threshold", "dropped_mask",
            *(f"{kind}{i}" for i in range(TOP) for kind in ("layer", "layer_norm")))
 
 
@@ -51,7 +52,10 @@ class EventRecorder:
         """End of a step: record it where it was a spike or non-finite (device work only)."""
         spike = report.spike.spike if report.spike is not None else torch.zeros_like(report.nonfinite)
         flag = spike | report.nonfinite
-        self.batches.record(flag, report.step + 1)
+        whole = None  # with the micro-batch gate: a step-level flag names every sample, a drop only its own
+        if report.gate is not None and report.spike is not None:
+            whole = report.spike.loss_spike | report.spike.norm_spike | report.nonfinite
+        self.batches.record(flag, report.step + 1, whole)
         device = report.norm.device
         top = torch.topk(torch.nan_to_num(report.per_tensor_norms.float(), nan=math.inf),
                          k=min(TOP, names_count))
@@ -59,9 +63,10 @@ class EventRecorder:
         for i in range(top.values.numel()):
             layers[2 * i], layers[2 * i + 1] = top.indices[i].float(), top.values[i]
         loss = report.spike.loss if report.spike is not None else loss
+        mask = report.gate.mask if report.gate is not None else torch.full((), math.nan, device=device)
         values = [torch.full((), float(report.step + 1), device=device), report.nonfinite, spike, skip,
                   loss if loss is not None else torch.full((), math.nan, device=device), report.norm,
-                  report.threshold, *layers]
+                  report.threshold, mask, *layers]
         self.log.record(values, flag)
 
     @property
@@ -120,13 +125,19 @@ class EventRecorder:
                         "threshold_before": None if base is None else base * event.factor_before,
                         "threshold_after": None if base is None else base * event.factor_after}
         prints = batch["prints"] if batch else []
+        outcome = event.outcome if event is not None and not nonfinite else None
+        dropped = None
+        if event is not None and event.dropped:
+            mask = int(row["dropped_mask"]) if math.isfinite(row["dropped_mask"]) else 0
+            dropped = {"count": event.dropped, "micro_batches": event.micro_batches,
+                       "positions": [i for i in range(MAX_POSITIONS) if mask >> i & 1]}
         return spikefile.spike_record(
             nonfinite=nonfinite, step=step, kind="nonfinite" if nonfinite else (event.kind if event is not None
                                                                                  else "loss"),
-            action="skip" if nonfinite and bool(row["skipped"]) else action, skipped=bool(row["skipped"]),
+            action="skip" if nonfinite and bool(row["skipped"]) else (outcome or action), skipped=bool(row["skipped"]),
             loss=row["loss"], norm=row["norm"], threshold=row["threshold"], top_layers=top, detected=detected,
             batch={"indices": self.batches.indices(prints, step), "fingerprint": batch_fingerprint(prints),
-                   "text": self._text(batch["tokens"]) if batch else None})
+                   "text": self._text(batch["tokens"]) if batch else None}, dropped=dropped)
 
     def _text(self, tokens: list[int]) -> str | None:
         if self.decode is None or not tokens:

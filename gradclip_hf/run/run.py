@@ -9,26 +9,22 @@ logged, read in one transfer per logging step) and the reporting (spike messages
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any, Callable
 
-from ..config import ClipConfig, check_max_grad_norm
-from ..core import ClipReport, GradClipper, SpikeEvent, StateError
-from ..core._checks import check_int, state_field
+from ..config import ClipConfig
+from ..core import ClipReport, GradClipper, SpikeEvent
 from ..core._state import to_host
 from .actions import StepActions, logger
 from .backends import LocalStep, StepBackend
 from .decision import skip_update
-from .messages import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages
+from .messages import SPIKE_LAYER_PREFIX, LayerSelector, SpikeMessages, describe_threshold
 from .metrics import MetricsWindow, StepLoss
 from .records import EventRecorder
-from .skiplists import check_batch, check_start
+from .skiplists import Uncomputed, check_batch, check_start
+from .state import RESET_HINT, load_run_state, run_state
 
 __all__ = ["ClipRun", "RESET_HINT", "STOP_KEY"]
 
-RESET_HINT = ("to start the statistics fresh instead, set reset_statistics=True (clip_reset_statistics in "
-              "GradClipTrainingArguments, on the command line and in the Axolotl YAML)")
 STOP_KEY = "gradclip/stop_reason"  # in the log row of the step the pack stopped the run at
 CAPACITY = 256  # flagged steps the device rings hold between two reads
 
@@ -63,19 +59,27 @@ class ClipRun:
             max_grad_norm = getattr(args, "max_grad_norm", None) or 0.0
         if clipper is None:
             total = int(getattr(state, "max_steps", 0) or 0) or None
-            self.clipper = self.config.build(total, max_grad_norm)
-            self.threshold_source = self._describe_threshold(max_grad_norm)
+            micro_batches = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+            self.clipper = self.config.build(total, max_grad_norm, micro_batches=micro_batches)
+            self.threshold_source = describe_threshold(self.config, max_grad_norm)
         else:
             self.clipper, self.threshold_source = clipper, "a GradClipper passed in"
         if backend is None:  # the local path, on ``optimizer``
             self.backend: StepBackend = LocalStep(self.clipper, optimizer, hand_off=self.config.defers_to_optimizer)
         else:
             self.backend = backend(self.clipper)
+        self.lr_guard = self.config.build_lr_guard()
+        if self.lr_guard is not None:
+            self.backend.guard_lr(self.lr_guard)
+        self._lr_capped_seen = 0
         self.actions = StepActions(self.clipper, self.config, self.backend, owner)
         self.skip_prints = self.config.skip_fingerprints() if clipper is None else {}
         self.main_process = bool(getattr(state, "is_world_process_zero", True)) and _rank_zero()
         self.recorder = self._recorder(args, decode)
-        self.loss, self.window = StepLoss(), MetricsWindow()
+        spikes = self.clipper.spikes
+        self.gate = spikes.gate if spikes is not None else None  # the micro-batch gate (spike_gate="micro_batch")
+        self.loss, self.window = StepLoss(), MetricsWindow(gate=self.gate is not None)
+        self.uncomputed = Uncomputed()  # listed steps whose batches were consumed, not computed
         self._step_loss: Any = None  # the step loss, when it was known before the last backward
         top_k = self.config.log_layers_top_k if self.backend.layer_norms else 0
         self.layers = LayerSelector(top_k, self.config.log_layer_patterns if self.backend.layer_norms else ())
@@ -83,7 +87,6 @@ class ClipRun:
         self.last_report: ClipReport | None = None
         self.num_clips = self.skipped_steps = self.nonfinite_steps = 0
         self.last_metrics: dict[str, float] = {}
-        spikes = self.clipper.spikes
         self.read_every = min(self.recorder.capacity, spikes.max_events if spikes is not None else CAPACITY)
         self._since_read = 0  # steps since the flagged steps were last read (host count)
         self.stop_logged = self.stop_saved = self._stop_written = False
@@ -93,6 +96,7 @@ class ClipRun:
         self._unreported: dict[str, float] | None = None
         self._clipped_step: int | None = None
         self._layer_names: list[str] = []
+        self.share: tuple[Any, Any] | None = None  # the next micro-batch's share for the gate (the integration's)
 
     def _recorder(self, args: Any, decode: Any) -> EventRecorder:
         samples = int(getattr(args, "per_device_train_batch_size", 1)) * int(
@@ -105,21 +109,6 @@ class ClipRun:
         if self.main_process:
             check_start(self.actions.listed, int(getattr(state, "global_step", 0) or 0),
                         int(getattr(state, "max_steps", 0) or 0), getattr(args, "resume_from_checkpoint", None))
-
-    def _describe_threshold(self, max_grad_norm: Any) -> str:
-        c = self.config
-        threshold = c.resolved_threshold(max_grad_norm)
-        if c.threshold is not None:
-            source = "set on the pack"
-        elif threshold is None:
-            source = "none: the strategy sets its own"
-        elif math.isinf(threshold):
-            off = "no cap" if c.strategy == "zscore" else "no clipping, norms measured"
-            source = f"max_grad_norm={check_max_grad_norm(max_grad_norm):g}: {off}"
-        else:
-            source = f"from max_grad_norm={threshold:g}"
-        shown = "none" if threshold is None or math.isinf(threshold) else f"{threshold:g}"
-        return f"strategy {c.strategy}, threshold {shown} ({source})"
 
     @property
     def spike_events(self) -> list[SpikeEvent]:
@@ -143,21 +132,55 @@ class ClipRun:
         """Train begin, once a resumed run's state is loaded: the backend starts from ``step``."""
         self.backend.start(step)
 
-    def before_backward(self, loss: Any, last: bool, step: int) -> Any:
-        """A micro-batch's loss before its backward, where the integration sees it (``backend.loss_before_backward``:
-        DeepSpeed steps inside the last one); returns the loss to backpropagate. ``last``: the step's last
-        micro-batch (gradients are synced after it); ``step``: optimizer steps done before this one."""
-        self.loss.add(loss)
-        if last:
-            self._step_loss = self.loss.take()
+    @property
+    def sees_backward(self) -> bool:
+        """Whether the integration must hand each micro-batch's loss to :meth:`before_backward` (the micro-batch
+        gate judges it there; DeepSpeed steps inside the last backward)."""
+        return self.gate is not None or self.backend.loss_before_backward
+
+    def before_backward(self, loss: Any, last: bool, step: int, share: tuple[Any, Any] | None = None) -> Any:
+        """A micro-batch's loss before its backward, where the integration sees it (:attr:`sees_backward`);
+        returns the loss to backpropagate. ``last``: the step's last micro-batch (gradients are synced after
+        it); ``step``: optimizer steps done before this one; ``share``: ``(scale, weight)`` for the micro-batch
+        gate: the micro-batch's mean loss is ``loss * scale``, its weight in the step ``weight`` (default
+        ``(1, 1)``: equal shares; see :mod:`gradclip_hf.core.gate`). With the gate the loss comes back as
+        ``loss * keep`` (no host read)."""
+        if self.backend.loss_before_backward:
+            self.loss.add(loss)
+            if last:
+                self._step_loss = self.loss.take()
+        if self.gate is not None:
+            scale, weight = share if share is not None else (1.0, 1.0)
+            loss = self.gate_loss(loss, loss.detach() * scale, weight)
         return self.backend.before_backward(loss, last=last, step=step, step_loss=self._step_loss if last else None)
+
+    def gate_loss(self, loss: Any, mean: Any, weight: Any = 1.0) -> Any:
+        """The micro-batch gate on one micro-batch: ``loss * keep``, ``keep`` from judging its ``mean`` loss
+        (weight ``weight``; :meth:`~gradclip_hf.core.gate.MicroBatchGate.judge`); ``loss`` without a gate."""
+        if self.gate is None:
+            return loss
+        return loss * self.gate.judge(mean, weight).to(loss.dtype)
 
     def add_micro_batch(self, loss: Any, inputs: Any) -> None:
         """A micro-batch's return and inputs (after its ``training_step``): the step loss (unless
-        :meth:`before_backward` took it) and what identifies the batch."""
+        :meth:`before_backward` took it) and what identifies the batch (and, with the gate, whether it was
+        dropped)."""
         if not self.backend.loss_before_backward:
             self.loss.add(loss)
-        self.recorder.batches.add(inputs)
+        keep = None
+        if self.gate is not None:
+            keep, self.gate.last_keep = self.gate.last_keep, None
+        self.recorder.batches.add(inputs, dropped=None if keep is None else ~keep)
+
+    def skip_batch(self, step: int) -> bool:
+        """Whether a micro-batch of optimizer step ``step`` (optimizer steps done before it) is to be consumed
+        without being computed: the step is listed (``skip_steps``/``skip_steps_from``). The integration that
+        asks then neither runs its forward nor its backward, and hands :meth:`add_micro_batch` a zero loss. Not on a
+        backend that computes listed steps (``backend.uncomputed_listed`` False: DeepSpeed)."""
+        if step + 1 not in self.actions.listed or not self.backend.uncomputed_listed:
+            return False
+        self.uncomputed.step = step
+        return True
 
     def clip_step(self, model: Any, state: Any) -> ClipReport | None:
         """Before the update of the step (``optimizer.step()``): measure and clip once, decide once, and hand the
@@ -166,11 +189,17 @@ class ClipRun:
         if self._clipped_step == step:  # a second hook at the same step: never clip twice
             return self.last_report
         self._clipped_step = step
+        self.uncomputed.steps += 1
+        listed = step + 1 in self.actions.listed
+        if listed and self.uncomputed.step == step:
+            return self._pass_listed(step)
         loss, self._step_loss = (self._step_loss if self._step_loss is not None else self.loss.take()), None
-        report = self.backend.measure(model, step, loss)
+        gate = self._close_gate(step)
+        report = self.backend.measure(model, step, loss, **({} if gate is None else {"gate": gate}))
+        if self.gate is not None:
+            self.gate.finish()
         if report is None:
             return self.last_report
-        listed = step + 1 in self.actions.listed
         skip = skip_update(report, self.backend, listed)
         self.window.add(report, skip, keep_spike_layers=self.layers.top_k > 0)
         skip_now = self.actions.after_decision(report, skip, loss, model, listed)
@@ -194,6 +223,33 @@ class ClipRun:
         the learning-rate scheduler there after a step the pack skipped)."""
         self.backend.end_step()
 
+    def _close_gate(self, step: int) -> Any:
+        if self.gate is None:
+            return None
+        gate = self.gate.close()
+        if gate is None:
+            raise RuntimeError(
+                f"gradclip: step {step + 1}: spike_gate='micro_batch' saw no micro-batch loss before its backward in "
+                f"this step, so it cannot tell which to keep. The Trainer hands it each loss through "
+                f"accelerator.backward (a custom training_step must call self.accelerator.backward(loss)); a loop "
+                f"with AcceleratorClipper calls loss = clipper.gate(loss) before accelerator.backward(loss).")
+        return gate
+
+    def _pass_listed(self, step: int) -> None:
+        """A listed step whose batches were consumed without being computed: no gradient to measure, nothing
+        learned by the statistics; the update is held back whole and the skip recorded."""
+        self.loss.take()
+        self._step_loss = None
+        self.backend.hold()
+        if self.gate is not None:
+            self.gate.finish()
+        if self.main_process:
+            check_batch(step + 1, self.skip_prints.get(step + 1), self.recorder.batches)
+        self.recorder.batches.pass_step(step + 1)
+        self.recorder.add_listed(step + 1)
+        self.uncomputed.listed += 1
+        return None
+
     # ------------------------------------------------------------------ logging
     def metrics(self, state: Any = None) -> dict[str, float]:
         """The window's metrics as floats (ONE device-to-host transfer); ``{}`` if no step since the last log.
@@ -210,6 +266,8 @@ class ClipRun:
             named["spike_layers"] = spike_vector
         values = to_host(named)
         out = self.window.metrics(values, with_spikes=r.spike is not None)
+        if self.lr_guard is not None:
+            out["gradclip/lr_capped"] = self._lr_capped(int(state.global_step) if state is not None else None)
         self.skipped_steps += out["gradclip/skipped_steps"]
         self.nonfinite_steps += out["gradclip/nonfinite_steps"]
         if out["gradclip/nonfinite_steps"] and state is not None:
@@ -230,6 +288,17 @@ class ClipRun:
                 out.update({SPIKE_LAYER_PREFIX + n: v for n, v in self.last_spike_layers})
         return out
 
+    def _lr_capped(self, step: int | None) -> int:
+        """Steps whose learning rate the guard capped since the last call (host counts), said once per call."""
+        capped, self._lr_capped_seen = self.lr_guard.capped - self._lr_capped_seen, self.lr_guard.capped
+        if capped:
+            limit = self.lr_guard.limit()
+            logger.warning("gradclip: %s%d step%s with the learning rate capped since the last log (lr_guard=%g: at "
+                           "most %g x its running average%s).", "" if step is None else f"step {step}: ", capped,
+                           "s" if capped > 1 else "", self.lr_guard.cap, self.lr_guard.cap,
+                           "" if limit is None else f", now {limit:.3g}")
+        return capped
+
     def _say_nonfinite(self, count: int, step: int) -> None:
         policy = self.clipper.nonfinite.value
         what = {"skip": "their updates skipped", "zero": "their gradients zeroed", "ignore": "left as they were",
@@ -238,10 +307,19 @@ class ClipRun:
                        step, count, "s" if count > 1 else "", what, policy)
 
     def inject(self, logs: dict[str, Any], state: Any = None) -> dict[str, float]:
-        """Put the window metrics into a training ``logs`` dict (before the reporters see it)."""
+        """Put the window metrics into a training ``logs`` dict (before the reporters see it). Listed steps whose
+        batches were not computed added a zero to the Trainer's loss: ``loss`` is made the mean over the steps
+        that were computed (NaN when none was), and ``gradclip/listed_steps`` counts them."""
         if "loss" not in logs:
             return {}
+        listed = self.uncomputed.correct(logs)
         metrics = self.metrics(state)
+        if listed:
+            metrics["gradclip/skipped_steps"] = metrics.get("gradclip/skipped_steps", 0) + listed
+            metrics["gradclip/listed_steps"] = listed
+            self.skipped_steps += listed
+            if self.recorder.pending:  # a window of listed steps only: their records are written now
+                self._read_flagged()
         if not metrics:
             return {}
         items = list(logs.items())
@@ -249,7 +327,7 @@ class ClipRun:
         for key, value in items:  # grad_norm right after loss, as the stock Trainer orders it
             if key != "grad_norm":
                 logs[key] = value
-            if key == "loss":
+            if key == "loss" and "grad_norm" in metrics:
                 logs["grad_norm"] = metrics["grad_norm"]
         logs.update({k: v for k, v in metrics.items() if k != "grad_norm"})
         if self.stop_reason is not None and not self.stop_logged:  # in the row of the stop step, with its loss
@@ -269,6 +347,7 @@ class ClipRun:
         and spikes of a last window that was not logged are read (one transfer, and one more for the spike
         messages if it had spikes)."""
         self.backend.close()
+        self.skipped_steps += self.uncomputed.take()
         if self.window.sums is not None:
             counts = to_host({k: self.window.sums[k] for k in ("skipped", "nonfinite", "spikes")})
             self.skipped_steps += int(counts["skipped"][0])
@@ -298,50 +377,10 @@ class ClipRun:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """JSON-safe: the clipper's statistics and the counters, and the options of the run (for readers such as
-        ``gradclip-hf report``; never loaded back: the options of the resumed run win)."""
-        state = {"clipper": self.clipper.state_dict(), "skipped_steps": self.skipped_steps,
-                 "rollbacks": self.actions.rollbacks, "events_seen": self.messages.seen,
-                 "watchdogs": self.actions.state_dict()}
-        if self.stop_reason is not None:  # why this run ended (read by people and reports; not loaded back)
-            state.update(stop_reason=self.stop_reason, stop_step=self.actions.stop_step)
-        if self.given_config is not None:
-            state["config"] = self.given_config.to_dict()
-        return state
+        """JSON-safe: the statistics and the counters, and the options of the run (:mod:`.state`)."""
+        return run_state(self)
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        """Restore :meth:`state_dict`'s output, every field checked; ``StateError`` names the field, the value
-        and ``source`` (where it came from) and says how to start the statistics fresh (``reset_statistics``)."""
-        try:
-            if not isinstance(state, dict) or not isinstance(state.get("clipper"), dict):
-                raise StateError("clipper", state.get("clipper", state) if isinstance(state, dict) else state,
-                                 "present (a dict)")
-            try:
-                clipper_state = copy.deepcopy(state["clipper"])
-            except RecursionError:
-                raise StateError("clipper", "<nested too deeply>", "a clipper state") from None
-            try:
-                self.clipper.load_state_dict(clipper_state)
-            except StateError as error:
-                raise error.within("clipper") from None
-            counts = {key: state_field(state, key, check_int, low=0, high=2**53) if key in state else 0
-                      for key in ("skipped_steps", "rollbacks", "events_seen")}
-            _check_stop(state)  # the stop of the run that saved it: checked, not loaded (this run goes on)
-            watchdogs = state.get("watchdogs", {"nonfinite_run": 0, "loss_cap_run": 0})  # absent: saved before 24.6
-            if not isinstance(watchdogs, dict):
-                raise StateError("watchdogs", watchdogs, "a dict (the watchdogs' current runs) or absent")
-            try:
-                self.actions.load_state_dict(watchdogs)
-            except StateError as error:
-                raise error.within("watchdogs") from None
-            self.skipped_steps, self.actions.rollbacks, self.messages.seen = counts.values()
-        except StateError as error:
-            raise StateError(f"run.{error.field}", error.value, error.allowed, f"{source}; {RESET_HINT}") from None
-
-
-def _check_stop(state: dict[str, Any]) -> None:
-    reason, step = state.get("stop_reason"), state.get("stop_step")
-    if reason is not None and not isinstance(reason, str):
-        raise StateError("stop_reason", reason, "a str or absent")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 2**53):
-        raise StateError("stop_step", step, "an int >= 1 or absent")
+        """Restore :meth:`state_dict`'s output, every field checked (:func:`.state.load_run_state`)."""
+        load_run_state(self, state, source)
+        self._lr_capped_seen = self.lr_guard.capped if self.lr_guard is not None else 0

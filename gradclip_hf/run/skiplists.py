@@ -13,13 +13,14 @@ as given, so every process decides the same):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..spikeruns import step_ranges
 from .batches import BatchTracker
 from .messages import logger
 
-__all__ = ["check_start", "check_batch"]
+__all__ = ["check_start", "check_batch", "Uncomputed"]
 
 RERUN = "trainer.train(resume_from_checkpoint='<output_dir>/checkpoint-N')"
 
@@ -40,7 +41,7 @@ def check_start(listed: frozenset[int], start: int, max_steps: int, resume_arg: 
     if ahead:
         plural = "s" if len(ahead) > 1 else ""
         logger.info("gradclip: the skip list (clip_skip_steps / clip_skip_steps_from) skips the update%s of step%s "
-                    "%s (%d in all); their batches are still consumed, so the data order stays the same.",
+                    "%s (%d in all); their batches are consumed without being computed, so the data order stays the same.",
                     plural, plural, step_ranges(ahead, limit=8), len(ahead))
     if start == 0 and resume_arg:
         logger.warning("gradclip: TrainingArguments.resume_from_checkpoint=%r is set, but training starts at step 0: "
@@ -70,3 +71,30 @@ def check_batch(step: int, recorded: str | None, batches: BatchTracker) -> None:
                    "batch size, gradient accumulation, number of processes), or this run did not resume where that "
                    "run was. The update is skipped as listed; to skip the recorded batches, rerun with the same data "
                    "settings and %s from a checkpoint before the step.", step, mine, step, recorded, RERUN)
+
+
+class Uncomputed:
+    """Listed steps whose batches the Trainer integration consumed without computing them (no forward, no
+    backward: Megatron's ``--iterations-to-skip``), counted on the host for the log row: each added a zero to the
+    Trainer's running loss, which divides by every step of the logging window.
+
+    ``step``: the listed step in progress whose batches are not computed; ``steps``: optimizer steps since the last
+    log row; ``listed``: those of them not computed."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.steps = self.listed = 0
+
+    def take(self) -> int:
+        """The listed steps since the last log row (the counts restart)."""
+        listed, self.steps, self.listed = self.listed, 0, 0
+        return listed
+
+    def correct(self, logs: dict[str, Any]) -> int:
+        """Make ``logs["loss"]`` (the Trainer's mean over the window's steps) the mean over the steps that were
+        computed: NaN when none was. Returns the listed steps of the window."""
+        steps, listed = self.steps, self.take()
+        loss = logs.get("loss")
+        if listed and isinstance(loss, (int, float)):
+            logs["loss"] = loss * steps / (steps - listed) if steps > listed else math.nan
+        return listed

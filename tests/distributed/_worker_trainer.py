@@ -14,6 +14,10 @@ the 1-process reference). MODE:
 - ``indices``: map-style dataset, sequential sampler, rare-byte blocks at the dataset indices of every sample of
   optimizer step ``SPIKE_STEP`` (both ranks): the spike record in rank 0's ``gradclip_spikes.jsonl`` must name
   them, per rank.
+- ``gate``: the micro-batch gate (``spike_gate="micro_batch"``), gradient accumulation ``GATE_GA``, map-style
+  dataset, sequential sampler, rare-byte blocks in ONE micro-batch of ONE rank (rank 0's micro-batch
+  ``GATE_POSITION`` of optimizer step ``GATE_STEP``): only that rank drops it, every rank takes the same step
+  (the gate's counts are all-reduced), the replicas stay identical.
 - ``fsdp``: ``equiv`` under FSDP2 (``fsdp=True``, ``fsdp_config={"version": 2}``); records whether the
   Trainer really sharded (``is_fsdp_enabled``) and accelerate's distributed type.
 
@@ -47,6 +51,7 @@ PER_DEVICE = 4          # spike runs
 EQUIV_BATCH = 4         # equiv/fsdp: per device under 2 processes; 1 process uses 2 * EQUIV_BATCH
 EQUIV_STEPS = 12
 EQUIV_THRESHOLD = 0.5
+GATE_GA, GATE_BATCH, GATE_STEPS, GATE_STEP, GATE_POSITION = 4, 2, 20, 16, 2
 
 
 def _f(value) -> float | None:
@@ -81,6 +86,10 @@ class Recorder(TrainerCallback):
             s = report.spike
             row.update(spike=bool(s.spike), loss_spike=bool(s.loss_spike), norm_spike=bool(s.norm_spike),
                        factor=_f(s.factor), step_loss=_f(s.loss), loss_z=_f(s.loss_z))
+        if report.gate is not None:
+            g = report.gate
+            row.update(rescale=_f(g.rescale), dropped=_f(g.dropped), micro_batches=_f(g.micro_batches),
+                       kept=bool(g.kept), gate_loss=_f(g.loss), mask=_f(g.mask))
         row.update(self.trainer._batches.pop(state.global_step, {}))
         self._before = self._probe(model)
         self.rows.append(row)
@@ -94,8 +103,12 @@ class RecordingTrainer(GradClipTrainer):
 
     def training_step(self, model, inputs, *args, **kwargs):
         ids = inputs["input_ids"]
-        self._batches[self.state.global_step] = {"rare": _rare(ids), "ids_sum": int(ids.sum()),
-                                                 "rows": [int(r.sum()) for r in ids], "batch": int(ids.shape[0])}
+        seen = self._batches.setdefault(self.state.global_step, {"rare": False, "ids_sum": 0, "rows": [],
+                                                                 "batch": 0, "rare_at": []})
+        if _rare(ids):
+            seen["rare_at"].append(seen["batch"] // int(ids.shape[0]))  # its position in the step
+        seen.update(rare=seen["rare"] or _rare(ids), ids_sum=seen["ids_sum"] + int(ids.sum()),
+                    rows=seen["rows"] + [int(r.sum()) for r in ids], batch=seen["batch"] + int(ids.shape[0]))
         return super().training_step(model, inputs, *args, **kwargs)
 
 
@@ -137,6 +150,8 @@ def run(name: str, train_dataset, **overrides) -> dict:
             value = value.full_tensor()
         weights[key] = value.detach().to(torch.float64).reshape(-1).tolist()
     return {"rows": recorder.rows, "logs": logs, "weights": weights if MODE != "spikes" else None,
+            "dropped_logged": [entry.get("gradclip/dropped_micro_batches") for entry in trainer.state.log_history
+                               if "loss" in entry],
             "fsdp": trainer.is_fsdp_enabled, "world": trainer.args.world_size,
             "skipped": trainer.clip_run.skipped_steps,
             "distributed_type": str(trainer.accelerator.state.distributed_type),
@@ -162,6 +177,19 @@ def main() -> None:
         path = os.path.join(OUT, "hf_indices_0", "gradclip_spikes.jsonl")
         results["indices"]["records"] = ([json.loads(line) for line in open(path)] if RANK == 0 and
                                          os.path.exists(path) else None)
+    elif MODE == "gate":
+        first = 2 * (GATE_STEP * GATE_GA + GATE_POSITION) * GATE_BATCH  # rank 0's share of that micro-batch round
+        bad = list(range(first, first + GATE_BATCH))
+        gate = dict(clip_spike_detection="loss", clip_spike_warmup_steps=5, clip_spike_gate="micro_batch",
+                    clip_spike_ratio=1.5,  # early training: the loss still falls fast, its spread is wide
+                    clip_spike_action="skip", clip_spike_factor=1.0)
+        results["gate"] = run("gate", GarbageAt(blocks, bad), train_sampling_strategy="sequential",
+                              max_steps=GATE_STEPS, per_device_train_batch_size=GATE_BATCH,
+                              gradient_accumulation_steps=GATE_GA, **gate)
+        results["gate"]["bad"] = bad
+        path = os.path.join(OUT, "hf_gate_0", "gradclip_spikes.jsonl")
+        results["gate"]["records"] = ([json.loads(line) for line in open(path)] if RANK == 0 and
+                                      os.path.exists(path) else None)
     elif MODE in ("equiv", "fsdp"):
         extra = {}
         if MODE == "fsdp":

@@ -10,6 +10,8 @@
    same global batches, losses, ``grad_norm``, thresholds and final weights to float tolerance.
 3. FSDP2 through the Trainer: same numbers as DDP, or skipped with the reason when the Trainer cannot
    shard on CPU (accelerate only builds an FSDP state for accelerator devices).
+4. The micro-batch gate under DDP with gradient accumulation: a bad micro-batch on one rank only is dropped
+   there, every rank takes the same step decision (rescale, kept, step loss), the replicas stay identical.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = "_worker_trainer.py"
 VARIANTS = ("norm_tighten", "norm_skip", "zscore")
-BATCH_FIELDS = ("rare", "ids_sum", "rows", "batch")  # what the rank's own batch held: differs by design
+BATCH_FIELDS = ("rare", "ids_sum", "rows", "batch", "mask", "rare_at")  # what the rank's own batch held: differs by design
 STEPS, SPIKE_STEP, PER_DEVICE = 30, 22, 4             # as in _worker_trainer.py
 REL = 1e-4
 
@@ -158,3 +160,39 @@ def test_fsdp2_trainer_matches_ddp(fsdp, equiv):
         assert close(a["grad_norm"], b["grad_norm"], rel=1e-5) and close(a["loss"], b["loss"], rel=1e-5)
     for a, b in zip(fsdp[0]["rows"], ddp[0]["rows"]):
         assert a["threshold"] == b["threshold"] and close(a["coef"], b["coef"], rel=1e-5)
+
+
+# ----------------------------------------------------------------- 4. the micro-batch gate under DDP
+GATE_STEP, GATE_POSITION, GATE_GA = 16, 2, 4  # as in _worker_trainer.py
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory):
+    return [r["gate"] for r in accelerate_launch(WORKER, tmp_path_factory.mktemp("trainer_gate"), "gate", "gate")]
+
+
+def test_a_micro_batch_dropped_on_one_rank_gives_every_rank_the_same_step(gate):
+    rank0, rank1 = (run["rows"] for run in gate)
+    # rescale, kept, the kept loss, norm, threshold: identical; the loss an event shows is the rank's own worst
+    # dropped micro-batch (rank 1 dropped none)
+    shown = ("step_loss", "loss_z")
+    assert [{k: v for k, v in row.items() if k not in shown} for row in decisions(rank0)] == \
+        [{k: v for k, v in row.items() if k not in shown} for row in decisions(rank1)]
+    assert rank0[GATE_STEP]["step_loss"] > 2 * rank0[GATE_STEP]["gate_loss"] and rank1[GATE_STEP]["step_loss"] is None
+    assert [(row["step"], row["rare_at"]) for row in rank0 if row["rare"]] == [(GATE_STEP, [GATE_POSITION])]
+    assert not any(row["rare"] for row in rank1)
+    dropped = [row["step"] for row in rank0 if row["dropped"]]
+    assert dropped == [GATE_STEP]
+    hit = rank0[GATE_STEP]
+    assert hit["dropped"] == 1 and hit["micro_batches"] == 2 * GATE_GA and hit["kept"] and hit["updated"]
+    assert hit["rescale"] == pytest.approx(8 / 7, rel=1e-6)  # every micro-batch has as many tokens: 7 of 8 kept
+    assert rank0[GATE_STEP]["mask"] == 2 ** GATE_POSITION and rank1[GATE_STEP]["mask"] == 0  # only rank 0 dropped
+    assert all(row["rescale"] == 1.0 and row["kept"] for row in rank0 if row["step"] != GATE_STEP)
+    assert all(run["skipped"] == 0 for run in gate)
+    for name, values in gate[0]["weights"].items():
+        assert gate[1]["weights"][name] == values, name  # the replicas stay identical
+    assert sum(v or 0 for v in gate[0]["dropped_logged"]) == 1 == sum(v or 0 for v in gate[1]["dropped_logged"])
+    records = gate[0]["records"]
+    assert [(r["step"], r["action"], r["skipped"]) for r in records] == [(GATE_STEP + 1, "drop", False)]
+    assert records[0]["dropped"] == {"count": 1, "micro_batches": 2 * GATE_GA, "positions": [GATE_POSITION]}
+    assert records[0]["batch"]["indices"] == [gate[0]["bad"], None]  # rank 0's dropped samples; rank 1 dropped none

@@ -138,7 +138,7 @@ def test_sft_examples_mask_prompt_and_padding():
 def test_gallery_has_six_fault_types_after_every_warmup():
     kinds = {s.fault for s in GALLERY.values()} - {"none"}
     assert len([s for s in GALLERY.values() if s.fault != "none"]) >= 6 and len(kinds) >= 5
-    assert {s.task for s in GALLERY.values()} == {"pretrain", "lora", "sft"}
+    assert {s.task for s in GALLERY.values()} == {"pretrain", "lora", "sft", "pretrain_ga4", "pretrain_ga8"}
     for s in GALLERY.values():
         steps = s.fault_steps(300)
         assert all(t >= 64 + 20 for t in steps), s.name  # OLMo needs 64 values; our detectors 25 + 20

@@ -6,6 +6,7 @@ are in ``tests/distributed/test_accelerate_loop.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -134,6 +135,31 @@ def test_fused_optimizer_step_path_reads_nothing_on_the_host(dataset):
             optimizer.step()
         optimizer.zero_grad()
     assert clipper.run.defer and len(clipper.metrics()) > 5
+
+
+def test_the_micro_batch_gate_on_a_fused_optimizer_reads_nothing_on_the_host(dataset):
+    acc, model, optimizer = setup(accum=2, fused=True)
+    config = ClipConfig.recommended(spike_warmup_steps=2, spike_gate="micro_batch")
+    clipper = AcceleratorClipper(acc, config, model, optimizer)
+    for micro, batch in enumerate(batches(dataset, 12)):
+        with acc.accumulate(model):
+            loss = model(**batch).loss
+            if micro == 9:
+                loss = loss * 10  # a micro-batch whose loss spikes: dropped, the other one of its step kept
+            with no_host_sync() if micro >= 4 else contextlib.nullcontext():
+                acc.backward(clipper.gate(loss))
+                clipper.clip_(loss)
+                optimizer.step()
+            optimizer.zero_grad()
+    metrics = clipper.metrics()
+    assert metrics["gradclip/dropped_micro_batches"] == 1 and metrics["gradclip/skipped_steps"] == 0
+    assert [(e.step, e.outcome) for e in clipper.spike_events] == [(5, "drop")]
+    clipper.close()
+    plain = AcceleratorClipper(acc, ClipConfig(), model, optimizer)
+    assert plain.gate(loss) is loss  # without the gate: the loss as it was
+    with pytest.raises(ValueError, match=r"`loss` must be the micro-batch loss as a one-element tensor"):
+        plain.gate(torch.ones(3))
+    plain.close()
 
 
 def test_fp16_is_unscaled_through_accelerate_once_per_optimizer_step(dataset):

@@ -61,6 +61,9 @@ class EngineStep(StepBackend):
 
     name = "deepspeed"
     loss_before_backward = layer_norms = True
+    # a listed step is computed and skipped through the engine's overflow path: a step without backward would
+    # leave the engine's counters, its own scheduler and its overflow flag (the Trainer's LR step reads it) behind
+    uncomputed_listed = False
 
     def __init__(self, clipper: GradClipper, engine: Any, *, listed: Any = (),
                  scheduler: Callable[[], Any] | None = None, layers_at: Callable[[int], bool] | None = None,

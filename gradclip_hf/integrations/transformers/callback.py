@@ -140,6 +140,11 @@ class GradClipCallback(TrainerCallback, ExportableState):
             raise ValueError("gradclip: GradClipCallback under DeepSpeed needs its Trainer (not found on the call "
                              "stack): use GradClipTrainer / GradClipMixin, or callback.attach(trainer).")
         run = session.begin(trainer, args, state, optimizer, train_dataloader)
+        if trainer is None and run.gate is not None:
+            session.end()
+            raise ValueError("gradclip: spike_gate='micro_batch' judges each micro-batch's loss before its backward, "
+                             "through its Trainer, which GradClipCallback could not find on the call stack: use "
+                             "GradClipTrainer / GradClipMixin, or callback.attach(trainer).")
         restore_state(run, state, type(self).__name__)
         run.check_skip_list(args, state)
         run.start(int(state.global_step))  # DeepSpeed: the engine's clip_grad is the checkpoint's: the pack's now

@@ -47,6 +47,17 @@ checkpoint``)                                                   ``type(cb)(**sta
 ``DefaultFlowCallback``'s logging       (5.25)      (yes)      DeepSpeed: which steps log (``logging_first_step``,
 rule, ``TrainerState.logging_steps``                            ``logging_strategy`` steps/epoch): per-layer norms
                                                                 are read before the engine frees the gradients
+``Trainer.loss_is_scaled_for_ga``,      5.25        absent     the micro-batch gate (:func:`micro_batch_share`):
+``model_accepts_loss_kwargs``,          yes         yes        whether ``training_step`` divides the loss by
+``compute_loss_func``,                                         ``current_gradient_accumulation_steps`` or
+``current_gradient_accumulation_steps``                        ``compute_loss`` divides it by the step's
+                                                               ``num_items_in_batch`` (times the processes with
+                                                               ``average_tokens_across_devices``), as the
+                                                               Trainer decides it
+``Trainer._loss_shifts_labels``         5.25        absent     the gate counts a micro-batch's label tokens as
+                                                               ``_get_num_items_in_batch`` does: ``shift_labels``,
+                                                               else ``labels[..., 1:]`` where the loss shifts
+                                                               (5.25), else ``labels`` (4.57)
 =====================================  ==========  =========  =================================================
 
 The DeepSpeed rows (in parentheses) are verified with transformers 5.25.0 and accelerate 1.16.0, the versions
@@ -84,8 +95,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["train_sampler", "find_trainer", "insert_callback", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks", "deepspeed_clipping",
-           "deepspeed_engine", "deepspeed_config", "logging_steps"]
+__all__ = ["train_sampler", "find_trainer", "insert_callback", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks",
+           "deepspeed_clipping", "deepspeed_engine", "deepspeed_config", "logging_steps", "micro_batch_share"]
 
 
 def _trainer_cls():
@@ -220,3 +231,41 @@ def logging_steps(args: Any, state: Any, dataloader: Any = None) -> Any:
         return per_epoch > 0 and step % per_epoch == 0
 
     return logs
+
+
+def _label_tokens(trainer: Any, inputs: Any) -> Any:
+    """The label tokens of one micro-batch as ``_get_num_items_in_batch`` counts them (a device-free tensor op)."""
+    if not hasattr(inputs, "get"):
+        return None
+    labels = inputs.get("shift_labels") if hasattr(trainer, "_loss_shifts_labels") else None
+    if labels is None:
+        labels = inputs.get("labels")
+        if labels is not None and getattr(trainer, "_loss_shifts_labels", False):
+            labels = labels[..., 1:]
+    return labels.ne(-100).sum() if hasattr(labels, "ne") else None
+
+
+def micro_batch_share(trainer: Any, inputs: Any, num_items_in_batch: Any) -> tuple[Any, Any]:
+    """``(scale, weight)`` of a micro-batch for the micro-batch gate, as ``training_step`` scales its loss before
+    ``accelerator.backward``: a mean per micro-batch divided by the accumulation steps (``scale`` = those steps,
+    ``weight`` 1), or, with ``num_items_in_batch``, a sum over label tokens divided by the step's count (times the
+    processes with ``average_tokens_across_devices``): ``scale`` = count / (tokens x processes), ``weight`` = the
+    micro-batch's tokens (device tensors, no host read)."""
+    import torch
+
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+            trainer.compute_loss_func is not None
+    if not scaled:
+        return float(trainer.current_gradient_accumulation_steps), 1.0
+    tokens = _label_tokens(trainer, inputs) if num_items_in_batch is not None else None
+    if tokens is None:  # a loss function of the user's without a count: its own scale, equal shares
+        return 1.0, 1.0
+    total = torch.as_tensor(num_items_in_batch)
+    tokens = tokens.to(total.device, torch.float64)
+    processes = 1
+    if trainer.args.average_tokens_across_devices and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func):
+        processes = trainer.accelerator.num_processes // (trainer.get_tp_size() if hasattr(trainer, "get_tp_size")
+                                                          else 1)
+    return total.to(torch.float64) / (tokens * processes), tokens

@@ -13,7 +13,7 @@ from .callback import GradClipCallback
 from .compat import insert_callback
 from .console import ConsoleTrim
 from .session import ClipSession
-from .wrappers import release
+from .wrappers import before_training_step, release
 
 __all__ = ["GradClipMixin", "GradClipTrainer", "config_from_args"]
 
@@ -36,7 +36,8 @@ class GradClipMixin:
     Trainer (bit-identical). ``TrainingArguments`` are never changed; whatever the pack sets up for a run
     (optimizer hooks, the console filter) is removed when ``train()`` leaves, by any exit.
 
-    Overrides ``train`` (``try``/``finally``), ``training_step`` (the step loss), ``log`` (metrics before the
+    Overrides ``train`` (``try``/``finally``), ``training_step`` (the step loss; a step that ``skip_steps`` lists
+    consumes its batches without computing them), ``log`` (metrics before the
     reporters) and, on transformers 5.x, ``_clip_grad_norm``/``_get_grad_norm`` (they do nothing while the
     pack's run is active: no second norm pass). Clipping itself happens in a bound :class:`GradClipCallback`
     placed first among the callbacks (``on_pre_optimizer_step``).
@@ -80,8 +81,14 @@ class GradClipMixin:
             self.clip_session.end()
 
     def training_step(self, model, inputs, *args: Any, **kwargs: Any):
-        loss = super().training_step(model, inputs, *args, **kwargs)
         run = self.clip_session.live(self)
+        if run is not None:
+            num_items = args[0] if args else kwargs.get("num_items_in_batch")
+            skipped = before_training_step(self, run, inputs, num_items)
+            if skipped is not None:  # a listed step: its batch is consumed, not computed
+                run.add_micro_batch(skipped, inputs)
+                return skipped
+        loss = super().training_step(model, inputs, *args, **kwargs)
         if run is not None:
             run.add_micro_batch(loss, inputs)
         return loss
