@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ._checks import OptionError
 from .clipper import ClipReport, GradClipper, NonFinitePolicy
+from .gate import GateStep
 from .norms import GradNorms
 from .spikes import LossPhase
 from .strategies import TORCH_EPS, MeasureOnly, NormClip
@@ -97,11 +98,14 @@ class ExternalClip:
         return self.clipper.strategy.next_threshold(self.device).to(torch.float64) * self.clipper.scale_at(step) * factor
 
     @torch.no_grad()
-    def before(self, step: int, loss: Tensor | None = None) -> Tensor:
+    def before(self, step: int, loss: Tensor | None = None, gate: GateStep | None = None) -> Tensor:
         """This step's threshold (0-dim, ``inf`` for no clip). ``loss``: the step loss (mean over micro-batches),
-        for the loss detector (the spike controller's first phase: a loss spike tightens this step)."""
+        for the loss detector (the spike controller's first phase: a loss spike tightens this step); ``gate``: the
+        micro-batch gate's step, closed before the optimizer steps: the detector judges the kept loss instead, as
+        :meth:`GradClipper.plan` does (the caller makes the gradient the kept mean and skips a step with nothing
+        kept)."""
         spikes = self.clipper.spikes
-        phase = None if spikes is None else spikes.observe_loss(loss, step, self.device)
+        phase = None if spikes is None else spikes.observe_loss(loss, step, self.device, gate)
         factor = torch.ones((), dtype=torch.float64, device=self.device) if phase is None else phase.factor
         scale = factor * self.clipper.scale_at(step)
         threshold = self.clipper.strategy.next_threshold(self.device).to(torch.float64) * scale
@@ -129,7 +133,7 @@ class ExternalClip:
         nonfinite = ~measured if not dropped else torch.zeros_like(measured)
         decision = None if p.loss_phase is None else self.clipper.spikes.decide(p.loss_phase, norm,
                                                                                  factor_applied=True)
-        observe = measured if decision is None else measured & ~decision.spike
+        observe = measured if decision is None else measured & ~(decision.loss_spike | decision.norm_spike)
         self.clipper.strategy.plan(GradNorms(norm, norm.reshape(1), 2.0), scale=p.scale, observe=observe)
         coef = torch.where(measured, 1.0 / torch.clamp((norm + TORCH_EPS) / p.threshold, min=1.0),
                            torch.ones_like(norm))

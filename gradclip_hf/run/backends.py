@@ -75,7 +75,8 @@ class StepBackend:
     def start(self, step: int) -> None:
         """Train begin, after a resumed run's state is loaded (``step``: the step training starts from)."""
 
-    def before_backward(self, loss: Tensor, *, last: bool, step: int, step_loss: Tensor | None) -> Tensor:
+    def before_backward(self, loss: Tensor, *, last: bool, step: int, step_loss: Tensor | None,
+                        gate: GateStep | None = None) -> Tensor:
         """Before a micro-batch's backward: the loss to backpropagate (this one, unchanged here). ``last``: the
         step's last micro-batch; ``step_loss``: the step's loss when ``last`` (mean over its micro-batches)."""
         return loss

@@ -152,7 +152,9 @@ class ClipRun:
         if self.gate is not None:
             scale, weight = share if share is not None else (1.0, 1.0)
             loss = self.gate_loss(loss, loss.detach() * scale, weight)
-        return self.backend.before_backward(loss, last=last, step=step, step_loss=self._step_loss if last else None)
+        gate = self.gate.close() if last and self.gate is not None and self.backend.loss_before_backward else None
+        return self.backend.before_backward(loss, last=last, step=step, step_loss=self._step_loss if last else None,
+                                            gate=gate)
 
     def gate_loss(self, loss: Any, mean: Any, weight: Any = 1.0) -> Any:
         """The micro-batch gate on one micro-batch: ``loss * keep``, ``keep`` from judging its ``mean`` loss

@@ -66,19 +66,35 @@ def _check_config(c: ClipConfig, refuse: Callable[[str, str], None]) -> None:
     if c.exclude or c.include is not None:
         refuse(f"exclude={c.exclude!r} / include={c.include!r} cannot be applied: the engine measures and clips "
                f"every gradient", "Leave exclude and include unset.")
-    if c.spike_gate != "step":
-        refuse(f"spike_gate={c.spike_gate!r} is not supported on the engine's path yet (it averages by the full "
-               f"accumulation steps inside its step)", f"Use spike_gate='step', {_INSTEAD}.")
     if c.nonfinite == "zero":
         refuse("nonfinite='zero' cannot be done: the engine checks its gradients for NaN/Inf inside its step and "
                "skips such a step itself (zeroing them would take a write into its gradient partitions every step)",
                "Use nonfinite='skip' (DeepSpeed skips non-finite steps: its overflow check), 'raise' or 'ignore'.")
 
 
-def check_engine(engine: Any, config: ClipConfig | None, owner: str) -> None:
-    """The DeepSpeed internals this run needs (rollback, per-layer norms, fp16) are where the pack reaches for them
-    (:mod:`.compat`); else ``ValueError`` naming them, with the fix."""
+def _check_gate(engine: Any, owner: str) -> None:
+    """The micro-batch gate makes the kept sum the kept mean through the ZeRO optimizer's loss scale (a setter):
+    not where there is none (``BF16_Optimizer``) or where fp16's dynamic scaler owns it."""
+    if engine.fp16_enabled():
+        why = ("fp16: the dynamic loss scaler owns the scale the rescale would ride on, and changes it inside the "
+               "same step (a raise or a back-off), so the rescale cannot be put on and taken off exactly")
+    elif not compat.rescalable(engine.optimizer):
+        why = (f"{type(engine.optimizer).__name__} (ZeRO-1 with bf16 weights and fp32 gradient accumulation) has no "
+               f"loss scale to carry the rescale of the kept micro-batches")
+    else:
+        return
+    raise ValueError(f"{owner}: under DeepSpeed spike_gate='micro_batch' cannot be served here: {why}. Use bf16 "
+                     f"(without data_types.grad_accum_dtype='fp32' on ZeRO-1) or fp32, or spike_gate='step' (a loss "
+                     f"spike then skips the whole step, exactly), {_INSTEAD}.")
+
+
+def check_engine(engine: Any, config: ClipConfig | None, owner: str, clipper: GradClipper | None = None) -> None:
+    """The DeepSpeed internals this run needs (rollback, per-layer norms, fp16, the micro-batch gate's rescale) are
+    where the pack reaches for them (:mod:`.compat`); else ``ValueError`` naming them, with the fix."""
     c = config or ClipConfig()
+    spikes = clipper.spikes if clipper is not None else None
+    if (spikes is not None and spikes.gate is not None) or (clipper is None and c.gates_micro_batches):
+        _check_gate(engine, owner)
     rollback = c.spike_detection != "off" and c.spike_action == "rollback"
     layers = c.log_layers_top_k > 0 or bool(c.log_layer_patterns) or c.wandb_histogram_every > 0
     gone = compat.missing(engine, rollback=rollback, layers=layers, fp16=bool(engine.fp16_enabled()))

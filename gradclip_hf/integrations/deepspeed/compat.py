@@ -25,7 +25,12 @@ name                                       how the pack uses it
 ``zero._update_scale(has_overflow)``       fp16: wrapped on the instance for the run; a step the pack skipped
 (private, ZeRO-1/2 and 3)                  does not reach the dynamic loss scaler (no halving, no hysteresis,
                                            no "already at minimum" error)
-``zero.loss_scale`` (property)             fp16: the current scale (a Python number): per-layer norms unscaled
+``zero.loss_scale`` (property)             fp16: the current scale (a Python number): per-layer norms unscaled.
+(a setter on ZeRO-1/2 and ZeRO-3:          The micro-batch gate (bf16, fp32): set to ``1 / rescale`` for the
+``loss_scaler.cur_scale``)                 engine's step, put back after it: the step divides the gradients (and
+                                           the norm it clips by and reports) by it, so the kept micro-batches'
+                                           sum becomes their mean (exact where the rescale is a power of two);
+                                           ``BF16_Optimizer`` has no such setter (refused there)
 ``zero.dp_process_group``                  the group the partitions are split over: the one all-reduce of the
                                            per-layer sums of squares
 ``param._hp_mapping``,                     ZeRO-1/2, BF16_Optimizer: this rank's fragment of a parameter's
@@ -58,7 +63,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["VERIFIED", "master_partitions", "refresh_low_precision", "base_state", "local_grad_squares",
-           "dp_group", "loss_scale", "hold_scaler", "missing"]
+           "dp_group", "loss_scale", "rescalable", "rescaled", "hold_scaler", "missing"]
 
 VERIFIED = "0.19.8"
 _MASTER = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
@@ -121,6 +126,24 @@ def loss_scale(zero: Any) -> float:
     """The gradients' loss scale (fp16: the dynamic scaler's; else 1)."""
     scale = getattr(zero, "loss_scale", 1.0)
     return float(scale) if isinstance(scale, (int, float)) else 1.0
+
+
+def rescalable(zero: Any) -> bool:
+    """Whether the ZeRO optimizer's loss scale can be set (a property with a setter: ZeRO-1/2 and ZeRO-3; not
+    ``BF16_Optimizer``)."""
+    attribute = getattr(type(zero), "loss_scale", None)
+    return isinstance(attribute, property) and attribute.fset is not None
+
+
+def rescaled(zero: Any, rescale: float) -> Callable[[], None]:
+    """Divide the loss scale by ``rescale`` for the coming step (a Python float; the gradients were accumulated
+    with the scale as it was); returns the undo (the scale as it was)."""
+    before = zero.loss_scale
+    zero.loss_scale = before / rescale
+
+    def undo() -> None:
+        zero.loss_scale = before
+    return undo
 
 
 def hold_scaler(zero: Any, held: Callable[[], bool]) -> Callable[[], None]:

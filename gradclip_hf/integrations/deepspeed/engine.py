@@ -21,9 +21,17 @@ Trainer hook. So, per optimizer step:
    step, :meth:`EngineStep.end_step`): DeepSpeed pauses it on an overflow step, the local path does not; now both
    advance, and log the same learning rates as a run without the skip.
 
+The micro-batch gate (``spike_gate="micro_batch"``): the run hands every micro-batch's loss in as ``loss * keep``
+(a dropped one adds exactly nothing) and, at the last one, the gate's step: its kept loss feeds the loss detector,
+a step with nothing kept takes the NaN factor (a skip), and the ``engine.step`` wrapper divides the ZeRO
+optimizer's loss scale by the gate's rescale for that step (the engine divides the gradients and the norm it
+clips by and reports by it): the update is the mean of the kept micro-batches (not on ``BF16_Optimizer`` nor under
+fp16: refused at train start, :mod:`.checks`).
+
 fp16: a step the pack skipped does not reach the dynamic loss scaler (it would halve its scale, or raise at its
-minimum). Host reads: none added; the pack's skip is on the host already (listed steps; a loss spike read with
-the threshold, which the engine takes as a Python float, in one transfer).
+minimum). Host reads: none added; the pack's skip is on the host already (listed steps; a loss spike, and the
+gate's kept flag and rescale, read with the threshold, which the engine takes as a Python float, in one transfer
+at the last micro-batch: the engine reads its own overflow flag on the host in every step anyway).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import torch.distributed as dist
 
 from ...core import ClipReport, GradClipper, NonFiniteGradientError, NonFinitePolicy
 from ...core.external import ExternalClip
+from ...core.gate import GateStep
 from ...run.backends import StepBackend
 from ...run.decision import skip_before_update
 from . import compat
@@ -82,6 +91,7 @@ class EngineStep(StepBackend):
         self.engine_skipped = False  # the engine's overflow path skipped the last measured step
         self.advance = False  # the scheduler is owed one step (a step the pack skipped)
         self.read_layers = False
+        self.rescale = 1.0  # the micro-batch gate's, for the coming engine step (1: nothing dropped)
         self.layer_values: torch.Tensor | None = None
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
@@ -94,10 +104,18 @@ class EngineStep(StepBackend):
         original = engine.step
 
         def step(*args: Any, **kwargs: Any) -> Any:
-            if self.read_layers and engine.is_gradient_accumulation_boundary():
-                self.read_layers = False
-                self.layer_values = self._read_layers()
-            return original(*args, **kwargs)
+            if not engine.is_gradient_accumulation_boundary():
+                return original(*args, **kwargs)
+            rescale, self.rescale = self.rescale, 1.0
+            undo = compat.rescaled(self.zero, rescale) if rescale != 1.0 else None  # the gate: the kept mean
+            try:
+                if self.read_layers:
+                    self.read_layers = False
+                    self.layer_values = self._read_layers()  # divided by the loss scale: rescaled too
+                return original(*args, **kwargs)
+            finally:
+                if undo is not None:
+                    undo()
 
         engine.step = step
         return (lambda: setattr(engine, "step", original)) if own else (lambda: engine.__dict__.pop("step", None))
@@ -120,32 +138,42 @@ class EngineStep(StepBackend):
         value = self.external.host_threshold(step)
         self._set(float(self.external.peek(step)) if value is None else value)
 
-    def before_backward(self, loss: torch.Tensor, *, last: bool, step: int,
-                        step_loss: torch.Tensor | None) -> torch.Tensor:
+    def before_backward(self, loss: torch.Tensor, *, last: bool, step: int, step_loss: torch.Tensor | None,
+                        gate: GateStep | None = None) -> torch.Tensor:
         """At the step's last micro-batch the engine steps inside this backward: its threshold and the pack's skip
-        are set now, from the step loss and the statistics so far. (A per-micro-batch factor, the micro-batch
-        gate's ``loss * keep``, would multiply every micro-batch's loss here; the rescale of the kept ones would
-        go through the engine's static loss scale in the ``engine.step`` wrapper: not offered yet.)"""
+        are set now, from the step loss and the statistics so far. With the micro-batch gate every loss comes in
+        as ``loss * keep`` already, and ``gate`` is the step's (closed before this last backward): the kept loss
+        feeds the loss detector, a step with nothing kept is skipped (the NaN factor), and the kept sum is made
+        the kept mean in the ``engine.step`` wrapper (the loss scale divided by ``gate.rescale``)."""
         if not last:
             return loss
         self.prepared_step = step
-        threshold = self.external.before(step, step_loss)
-        value, spike = self.external.host_threshold(step), False
-        if value is None:  # device statistics: the threshold (and a loss spike) read in one transfer
-            flag = self.external.loss_spike
-            if flag is None:
-                value = float(threshold)
-            else:
-                value, spike = torch.stack([threshold.to(torch.float64), flag.to(threshold.device, torch.float64)]).tolist()
-                spike = bool(spike)
+        threshold = self.external.before(step, step_loss, gate=gate)
+        value, spike, kept, rescale = self._host_values(step, threshold, gate)
         self._set(value)
-        self.dropping = skip_before_update(spike, self.action, step + 1 in self.listed)
+        self.dropping = skip_before_update(spike, self.action, step + 1 in self.listed) or not kept
+        self.rescale = 1.0 if self.dropping else rescale
         self.read_layers = self.layers_at is not None and not self.dropping and (
             self.layers_at(step + 1) or (spike and self.layers_at_spikes))
         return loss * math.nan if self.dropping else loss
 
-    def measure(self, model: Any, step: int, loss: torch.Tensor | None) -> ClipReport | None:
-        """After the engine's step: the report from its pre-clip norm (``None`` if no step was prepared)."""
+    def _host_values(self, step: int, threshold: torch.Tensor,
+                     gate: GateStep | None) -> tuple[float, bool, bool, float]:
+        """The threshold, the loss-spike flag, whether the gate kept a micro-batch and its rescale, on the host:
+        known there (no device statistics, so no spike controller and no gate), else read in ONE transfer."""
+        value = self.external.host_threshold(step)
+        if value is not None:
+            return value, False, True, 1.0
+        flag, one = self.external.loss_spike, torch.ones((), dtype=torch.float64, device=threshold.device)
+        parts = [threshold.to(torch.float64), torch.zeros_like(one) if flag is None else flag.to(one)]
+        parts += [one, one] if gate is None else [gate.kept.to(one), gate.rescale.to(one)]
+        value, spike, kept, rescale = torch.stack(parts).tolist()
+        return value, bool(spike), bool(kept), rescale
+
+    def measure(self, model: Any, step: int, loss: torch.Tensor | None,
+                gate: GateStep | None = None) -> ClipReport | None:
+        """After the engine's step: the report from its pre-clip norm (``None`` if no step was prepared); ``gate``:
+        the micro-batch gate's step (the report carries it: dropped micro-batches, the spike file's positions)."""
         if self.prepared_step is None:
             return None
         self.prepared_step = None
@@ -166,6 +194,7 @@ class EngineStep(StepBackend):
         if norm is None or self.engine_skipped:
             norm = math.inf
         report = self.external.after(norm, dropped=dropped)
+        report.gate = gate
         layers, self.layer_values = self.layer_values, None
         if layers is not None:
             report = dataclasses.replace(report, names=list(self.names), per_tensor_norms=layers.to(report.norm.device))

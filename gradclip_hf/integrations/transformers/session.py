@@ -53,7 +53,7 @@ def deepspeed_engine(trainer: Any, config: ClipConfig | None, clipper: GradClipp
                          f"clip_grad was not found at train begin; use ZeRO stage 1, 2 or 3 (docs/distributed.md).")
     check_deepspeed(config if clipper is None else None, clipper, compat.deepspeed_config(trainer),
                     int(engine.zero_optimization_stage()), owner)
-    check_engine(engine, config if clipper is None else None, owner)
+    check_engine(engine, config if clipper is None else None, owner, clipper)
     return engine
 
 
