@@ -116,10 +116,10 @@ class StateProbe(TrainerCallback):
             self.scaler[step] = {k: getattr(scaler, k, None) for k in SCALER_FIELDS}
 
 
-def ds_config(stage: int, dtype: str, engine_optimizer: bool = False, **fp16: Any) -> dict:
+def ds_config(stage: int, dtype: str, engine_optimizer: bool = False, bf16: dict | None = None, **fp16: Any) -> dict:
     config = {"zero_optimization": {"stage": stage}, "gradient_clipping": "auto",
               "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "zero_allow_untested_optimizer": True, "bf16": {"enabled": "auto"},
+              "zero_allow_untested_optimizer": True, "bf16": {"enabled": "auto", **(bf16 or {})},
               "fp16": {"enabled": "auto", **fp16}}
     if dtype == "bf16acc":  # ZeRO-1: DeepSpeed's BF16_Optimizer (bf16 weights, fp32 gradient accumulation)
         config["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -131,7 +131,7 @@ def ds_config(stage: int, dtype: str, engine_optimizer: bool = False, **fp16: An
 
 def train(out: str, name: str, stage: int, *, steps: int, options: dict, dtype: str = "fp32", accum: int = 1,
           drop: tuple[int, ...] = (), loss_at: dict | None = None, states: bool = True, fp16: dict | None = None,
-          engine_optimizer: bool = False, **overrides: Any) -> dict:
+          engine_optimizer: bool = False, bf16: dict | None = None, **overrides: Any) -> dict:
     """One GradClipTrainer run; ``drop``: steps (from 1) whose samples are removed from the data (a run that never
     saw those batches); ``loss_at``: {micro-batch index: loss factor}."""
     _patch_capabilities(dtype)
@@ -144,7 +144,7 @@ def train(out: str, name: str, stage: int, *, steps: int, options: dict, dtype: 
                 optim="adamw_torch", weight_decay=0.1, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
                 report_to="none", disable_tqdm=True, seed=0, data_seed=0, save_strategy="no", max_grad_norm=1.0,
                 dataloader_num_workers=0, bf16=dtype in ("bf16", "bf16acc"), fp16=dtype == "fp16",
-                deepspeed=ds_config(stage, dtype, engine_optimizer, **(fp16 or {})),
+                deepspeed=ds_config(stage, dtype, engine_optimizer, bf16, **(fp16 or {})),
                 # on CPU under torchrun the Trainer's accelerator counts one process per rank (docs/distributed.md),
                 # so transformers 4.57's gather of the token count mismatches the real 2-rank group: not gathered
                 average_tokens_across_devices=False, **ORDER)
@@ -181,15 +181,17 @@ def _floats(logs: list[dict]) -> list[dict]:
 SKIP, SKIP_STEPS = 2, 4  # step 2 of 4 listed; the run that drops its batches trains 3 steps
 
 
-def exact(out: str, stage: int, configs: tuple = (("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2))) -> dict:
+def exact(out: str, stage: int, configs: tuple = (("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)),
+          bf16: dict | None = None) -> dict:
     """``clip_skip_steps`` (listed, on the host): across the skipped step nothing changes; the end equals a run that
-    never saw its batches. fp32 and bf16, gradient accumulation 1 and 2."""
+    never saw its batches. fp32 and bf16, gradient accumulation 1 and 2; ``bf16``: DeepSpeed's bf16 section."""
     results = {}
     for dtype, accum in configs:
         key = f"{dtype}_ga{accum}"
         a = train(out, f"skip_{key}", stage, steps=SKIP_STEPS, options=dict(skip_steps=[SKIP]), dtype=dtype,
-                  accum=accum)
-        b = train(out, f"drop_{key}", stage, steps=SKIP_STEPS, options={}, dtype=dtype, accum=accum, drop=(SKIP,))
+                  accum=accum, bf16=bf16)
+        b = train(out, f"drop_{key}", stage, steps=SKIP_STEPS, options={}, dtype=dtype, accum=accum, drop=(SKIP,),
+                  bf16=bf16)
         p = a["probe"]
         results[key] = {
             "across_skip_equal": equal(p.before[SKIP], p.after[SKIP]),
@@ -232,17 +234,19 @@ def schedule(out: str, stage: int) -> dict:
     return results
 
 
-def rollback(out: str, stage: int, dtype: str = "fp32") -> dict:
+def rollback(out: str, stage: int, dtype: str = "fp32", detection: str = "loss") -> dict:
     """A loss spike at step 7 rolls back to the last snapshot (``spike_snapshot_every=3``: taken after the clean
     steps 1 and 5; under DeepSpeed the engine has stepped when the pack decides, so the snapshot of step s holds
     the state before step s + 1): right after the rollback the state is the one before step 6, bit for bit; the
-    end equals a run without the batches of steps 6 and 7."""
-    options = dict(spike_detection="loss", spike_action="rollback", spike_snapshot_every=3, spike_factor=1.0, **SPIKES)
-    a = train(out, "rollback", stage, steps=8, options=options, loss_at={SPIKE_AT: 30.0}, dtype=dtype)
+    end equals a run without the batches of steps 6 and 7. ``detection="norm"``: a gradient-norm spike, known
+    after the engine applied step 7: the rollback undoes that update too, with the same end."""
+    options = dict(SPIKES, spike_detection=detection, spike_action="rollback", spike_snapshot_every=3, spike_factor=1.0)
+    a = train(out, f"rollback_{detection}", stage, steps=8, options=options, loss_at={SPIKE_AT: 30.0}, dtype=dtype)
     b = train(out, "rollback_drop", stage, steps=8, options={}, drop=(6, 7), dtype=dtype)
     p = a["probe"]
     return {"optimizer": type(a["trainer"].model_wrapped.optimizer).__name__,
             "restored_equal_before_6": equal(p.after[7], p.before[6]), "step_6_moved": moved(p.before[6], p.before[7]),
+            "events": [e.step for e in a["run"].spike_events], "engine_skipped": a["engine_skipped"],
             "final_equal_dropped_run": equal(a["final"], b["final"]), "rollbacks": a["run"].rollbacks,
             "snapshot_bytes": a["run"].actions.snapshot.nbytes(),
             "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -371,6 +375,8 @@ def bench_layers(out: str, stage: int) -> dict:
 
 RUNS = {"bench_layers": bench_layers, "exact": exact, "gate": gate,
         "gate_bf16": lambda out, stage: gate(out, stage, ("fp32", "bf16")),
+        "rollback_norm": lambda out, stage: rollback(out, stage, detection="norm"),
+        "exact_nocheck": lambda out, stage: exact(out, stage, (("bf16", 2),), bf16={"check_grad_overflow": False}),
         "gate_refused_bf16acc": lambda out, stage: gate_refused(out, stage, "bf16acc"),
         "gate_refused_fp16": lambda out, stage: gate_refused(out, stage, "fp16"),
         "exact_fp32_ga2": lambda out, stage: exact(out, stage, (("fp32", 2),)),

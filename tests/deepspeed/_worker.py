@@ -148,6 +148,7 @@ def run(name: str, options: dict, crash_at: int | None = None, **kwargs) -> dict
 
 
 SPIKES = dict(spike_detection="loss", spike_warmup_steps=3, spike_z=4.0)
+NORM = dict(SPIKES, spike_detection="norm")
 ZSCORE = dict(strategy="zscore", threshold=5.0, zscore_warmup_steps=3, zscore_z=0.5)
 SPIKY = {SPIKE_STEP: 30.0}  # the loss (and gradients) of one step x30
 RUN_TABLE = {
@@ -157,6 +158,8 @@ RUN_TABLE = {
     "spike_bare": lambda: run("spike_bare", dict(threshold=0.5, **SPIKES), loss_at=SPIKY, bare=True),
     "accum": lambda: run("accum", dict(threshold=0.5, **SPIKES), accum=2, loss_at={2 * SPIKE_STEP + 1: 30.0}),
     "stop": lambda: run("stop", dict(threshold=0.5, spike_action="stop", **SPIKES), loss_at=SPIKY),
+    "norm_spike": lambda: run("norm_spike", dict(threshold=0.5, **NORM), loss_at=SPIKY),
+    "norm_stop": lambda: run("norm_stop", dict(threshold=0.5, spike_action="stop", **NORM), loss_at=SPIKY),
     "zscore": lambda: run("zscore", ZSCORE, loss_at=SPIKY),
     "quantile": lambda: run("quantile", dict(strategy="quantile", quantile=0.5)),
     "nonfinite": lambda: run("nonfinite", dict(threshold=1.0), loss_at={3: float("nan")}, steps=5),

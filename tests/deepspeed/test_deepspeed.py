@@ -74,6 +74,28 @@ def test_loss_spike_tightens_the_same_step(stage, run):
     assert close(logs[SPIKE_STEP]["gradclip/spike_factor"], 0.5, 1e-9)
 
 
+def test_norm_spike_tightens_from_the_next_step(stage):
+    """A gradient-norm spike is known after the engine stepped: its own step is clipped at the threshold as it was
+    (measured from the weights), the next one at the tightened threshold."""
+    rows = stage["norm_spike"]["rows"]
+    assert [row["spike"] for row in rows[:SPIKE_STEP + 1]] == [False] * SPIKE_STEP + [True]
+    assert [row["clip_grad"] for row in rows[:SPIKE_STEP + 1]] == [0.5] * (SPIKE_STEP + 1)
+    relaxed = 1 - 0.5 * 0.5 ** (1 / 20)  # tightened x0.5 after the spike step, relaxing from the next one on
+    assert close(rows[SPIKE_STEP + 1]["clip_grad"], 0.5 * relaxed, 1e-9)
+    assert rows[SPIKE_STEP]["engine_norm"] > 20 and close(rows[SPIKE_STEP]["measured_post"], 0.5)
+    assert_engine_clipped_at(rows)
+    assert stage["norm_spike"]["events"][0] == SPIKE_STEP + 1
+
+
+def test_norm_spike_stops_after_its_update(stage):
+    """``stop`` on a gradient-norm spike: the step's update is applied (clipped) and training stops after it."""
+    r = stage["norm_stop"]
+    assert "error" not in r and [row["step"] for row in r["rows"]] == list(range(SPIKE_STEP + 1))
+    assert [row["changed"] for row in r["rows"]] == [True] * (SPIKE_STEP + 1)
+    assert close(r["rows"][SPIKE_STEP]["measured_post"], 0.5)
+    assert [h["gradclip/skipped_steps"] for h in r["logs"]] == [0] * (SPIKE_STEP + 1)
+
+
 def test_gradient_accumulation_one_threshold_per_engine_step(stage):
     r = stage["accum"]  # 2 micro-batches per step; the second one of step 6 has the x30 loss
     assert len(r["rows"]) == STEPS and [h["step"] for h in r["logs"]] == list(range(1, STEPS + 1))

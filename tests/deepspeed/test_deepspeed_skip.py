@@ -83,6 +83,24 @@ def test_rollback_restores_the_snapshot_exactly(stage):
 
 
 @pytest.mark.parametrize("stage", [2, 3], indirect=True, ids=["zero2", "zero3"])  # ZeRO-1: ZeRO-2's class
+def test_rollback_of_a_norm_spike_restores_the_snapshot(stage):
+    """A gradient-norm spike at step 7 (known after the engine applied it) under ``rollback``: the snapshot is
+    restored, undoing that update too; the same state and end as the loss spike's rollback."""
+    r = stage["rollback_norm"]
+    assert r["events"] == [SPIKE] and r["rollbacks"] == 1 and r["engine_skipped"] == 0 and r["step_6_moved"]
+    assert r["restored_equal_before_6"] and r["final_equal_dropped_run"]
+
+
+@pytest.mark.parametrize("stage", [3], indirect=True, ids=["zero3"])
+def test_zero3_skips_without_the_bf16_overflow_check(stage):
+    """``bf16.check_grad_overflow: false`` (accepted on ZeRO-3, refused on ZeRO-1/2 where the engine then applies
+    NaN steps): ZeRO-3 still takes its overflow path on a non-finite norm, so a listed step is skipped exactly."""
+    r = stage["exact_nocheck"]["bf16_ga2"]
+    assert r["across_skip_equal"] and r["final_equal_dropped_run"] and r["engine_skipped"] == 1
+    assert all(r["other_steps_moved"]) and r["final_moved"]
+
+
+@pytest.mark.parametrize("stage", [2, 3], indirect=True, ids=["zero2", "zero3"])  # ZeRO-1: ZeRO-2's class
 def test_the_lr_schedule_advances_on_a_skip_as_on_the_local_path(stage):
     """Linear schedule, step 3 listed: the learning rate each step used, and the one logged, equal a run without any
     skip (the local path's behaviour: tests/integration/test_step_path.py). DeepSpeed alone would pause the
