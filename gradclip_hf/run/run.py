@@ -70,7 +70,11 @@ class ClipRun:
             self.backend = backend(self.clipper)
         self.lr_guard = self.config.build_lr_guard()
         if self.lr_guard is not None:
-            self.backend.guard_lr(self.lr_guard)
+            try:
+                self.backend.guard_lr(self.lr_guard)
+            except ValueError:  # refused: what the backend set up (an engine's wrappers) does not outlive this
+                self.backend.close()
+                raise
         self._lr_capped_seen = 0
         self.actions = StepActions(self.clipper, self.config, self.backend, owner)
         self.skip_prints = self.config.skip_fingerprints() if clipper is None else {}
@@ -108,7 +112,8 @@ class ClipRun:
         """Train begin: warn about listed steps this run cannot apply as meant (:mod:`.skiplists`)."""
         if self.main_process:
             check_start(self.actions.listed, int(getattr(state, "global_step", 0) or 0),
-                        int(getattr(state, "max_steps", 0) or 0), getattr(args, "resume_from_checkpoint", None))
+                        int(getattr(state, "max_steps", 0) or 0), getattr(args, "resume_from_checkpoint", None),
+                        computed=not self.backend.uncomputed_listed)
 
     @property
     def spike_events(self) -> list[SpikeEvent]:
