@@ -12,7 +12,6 @@ checks that the compared states did move where they must (so an equality cannot 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -310,55 +309,6 @@ def wandb_extras(out: str, stage: int) -> dict:
             "last_layer_norms": len(a["run"].last_layer_norms), "events": [e.step for e in a["run"].spike_events]}
 
 
-GATE_AT, GATE_STEP = 11, 6  # 0-based micro-batch of a x30 loss: the second of step 6 (gradient accumulation 2)
-
-
-def _gate_file(trainer) -> list[dict] | None:
-    """The spike file's records (rank 0: it writes them; ``None`` on the others, which could read it too early)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    with open(os.path.join(trainer.args.output_dir, FILE_NAME)) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [{k: r.get(k) for k in ("event", "step", "action", "skipped", "dropped")} for r in rows]
-
-
-def gate(out: str, stage: int, dtypes: tuple = ("fp32",)) -> dict:
-    """The micro-batch gate (``recommended(spike_gate="micro_batch")``, gradient accumulation 2): a x30 micro-batch is
-    dropped and the update is the other one's alone; the end equals a run without the pack where that micro-batch's
-    loss is multiplied by 0 and the other's by 2 (the rescale, a power of two: exact). With both micro-batches x30
-    nothing is kept: the step is skipped, the end equals a run without that step's batches."""
-    options = ClipConfig.recommended(spike_gate="micro_batch", **SPIKES).non_default()
-    results = {}
-    for dtype in dtypes:
-        common = dict(steps=8, dtype=dtype, accum=2)
-        a = train(out, f"gate_{dtype}", stage, options=options, loss_at={GATE_AT: 30.0}, **common)
-        ref = train(out, f"gate_ref_{dtype}", stage, options={}, loss_at={GATE_AT - 1: 2.0, GATE_AT: 0.0}, **common)
-        both = train(out, f"gate_all_{dtype}", stage, options=options, loss_at={GATE_AT - 1: 30.0, GATE_AT: 30.0},
-                     **common)
-        drop = train(out, f"gate_drop_{dtype}", stage, options={}, drop=(GATE_STEP,), **common)
-        pa, pb = a["probe"], both["probe"]
-        results[dtype] = {
-            "final_equal_reference": equal(a["final"], ref["final"]), "gated_step_moved": moved(
-                pa.before[GATE_STEP], pa.after[GATE_STEP]), "engine_skipped": a["engine_skipped"],
-            "events": [e.step for e in a["run"].spike_events], "file": _gate_file(a["trainer"]),
-            "logs": _floats(a["logs"]), "all_across_equal": equal(pb.before[GATE_STEP], pb.after[GATE_STEP]),
-            "all_final_equal_dropped_run": equal(both["final"], drop["final"]),
-            "all_engine_skipped": both["engine_skipped"], "all_logs": _floats(both["logs"]),
-            "all_file": _gate_file(both["trainer"]), "ref_logs": _floats(ref["logs"])}
-    return results
-
-
-def gate_refused(out: str, stage: int, dtype: str) -> dict:
-    """The gate where the engine has no loss scale to carry its rescale (BF16_Optimizer) or fp16's scaler owns it:
-    refused at train start, nothing trained."""
-    options = ClipConfig.recommended(spike_gate="micro_batch", **SPIKES).non_default()
-    try:
-        train(out, f"gate_refused_{dtype}", stage, steps=2, options=options, dtype=dtype, accum=2, states=False)
-    except ValueError as error:
-        return {"error": str(error)}
-    return {"error": None}
-
-
 def bench_layers(out: str, stage: int) -> dict:
     """benchmarks/deepspeed_layers.py for a few tiny steps (its smoke test: it runs and writes what parses)."""
     from benchmarks import deepspeed_layers
@@ -373,12 +323,9 @@ def bench_layers(out: str, stage: int) -> dict:
                 "read_restored": EngineStep.__dict__["_read_layers"] is before}
 
 
-RUNS = {"bench_layers": bench_layers, "exact": exact, "gate": gate,
-        "gate_bf16": lambda out, stage: gate(out, stage, ("fp32", "bf16")),
+RUNS = {"bench_layers": bench_layers, "exact": exact,
         "rollback_norm": lambda out, stage: rollback(out, stage, detection="norm"),
         "exact_nocheck": lambda out, stage: exact(out, stage, (("bf16", 2),), bf16={"check_grad_overflow": False}),
-        "gate_refused_bf16acc": lambda out, stage: gate_refused(out, stage, "bf16acc"),
-        "gate_refused_fp16": lambda out, stage: gate_refused(out, stage, "fp16"),
         "exact_fp32_ga2": lambda out, stage: exact(out, stage, (("fp32", 2),)),
         "exact_bf16acc": lambda out, stage: exact(out, stage, (("bf16acc", 1), ("bf16acc", 2))),
         "recommended": recommended, "schedule_lr": schedule, "rollback": rollback,

@@ -1,9 +1,9 @@
 """DeepSpeed worker: real ZeRO engines on CPU through the Hugging Face Trainer, launched by ``tests/deepspeed``.
 
 ``DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 _worker.py OUT_DIR STAGE [RUN ...]`` runs each RUN (below, and
-``_exact.RUNS``: skip, rollback, schedule, per-layer norms, fp16, W&B with AdamW) with ZeRO stage STAGE and writes
-``OUT_DIR/stage<STAGE>.json``; the runs below use plain SGD and record: per run and optimizer step the threshold the pack set
-on the engine (``engine.optimizer.clip_grad`` when the step ran), the engine's pre-clip norm, the post-clip norm
+``_exact.RUNS``: skip, rollback, schedule, per-layer norms, fp16, W&B with AdamW; ``_gate.RUNS``: the micro-batch
+gate) with ZeRO stage STAGE and writes ``OUT_DIR/stage<STAGE>.json``; the runs below use plain SGD and record:
+per run and optimizer step the threshold the pack set on the engine (``engine.optimizer.clip_grad`` when the step ran), the engine's pre-clip norm, the post-clip norm
 MEASURED from the weights (plain SGD: ``|w_after - w_before| / lr``, fp32 master weights gathered with
 ``deepspeed.utils.safe_get_full_fp32_param``), the run's report, and the logs. Errors raised by ``train()`` are
 recorded (type and message), with the engine's ``clip_grad`` after the exit.
@@ -25,6 +25,7 @@ from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import _exact  # noqa: E402
+import _gate  # noqa: E402
 from gradclip_hf.standins import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
 from gradclip_hf.integrations.transformers import (GradClipCallback,  # noqa: E402
                                                    GradClipTrainingArguments)
@@ -194,8 +195,9 @@ def main() -> None:
     results = {"stage": STAGE}
     for name in RUNS:
         base, _, on = name.partition("@")
-        if base in _exact.RUNS:
-            results[name] = _exact.RUNS[base](OUT, int(on) if on else STAGE)
+        runs = {**_exact.RUNS, **_gate.RUNS}
+        if base in runs:
+            results[name] = runs[base](OUT, int(on) if on else STAGE)
         else:
             results[name] = resume_runs() if name == "resume" else RUN_TABLE[name]()
     rank = int(os.environ.get("RANK", "0"))

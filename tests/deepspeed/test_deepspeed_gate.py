@@ -1,5 +1,5 @@
 """The micro-batch gate (``spike_gate="micro_batch"``) on real ZeRO engines (CPU) through ``GradClipTrainer`` with
-AdamW, gradient accumulation 2 (``_exact.gate``; launched with the other runs of each stage by ``conftest.py``).
+AdamW, gradient accumulation 2 (``_gate.gate``; launched with the other runs of each stage by ``conftest.py``).
 
 A x30 micro-batch (the second of step 6) is dropped before its backward (``loss * 0``), and the engine makes the
 update the mean of the kept micro-batch through its loss scale (the rescale, 2: a power of two, so exact): the run
@@ -20,7 +20,7 @@ if _SPEC is None or _SPEC.origin is None:
     pytest.skip("deepspeed is not installed: `make test-deepspeed` runs this lane in its own virtualenv "
                 "(.venv-deepspeed)", allow_module_level=True)
 
-GATE_STEP = 6  # as in _exact.py
+GATE_STEP = 6  # as in _gate.py
 
 
 def _check_gate(r, world=1):
@@ -28,8 +28,9 @@ def _check_gate(r, world=1):
     # one micro-batch dropped: the update applied, made of the kept one, as the reference's (bit for bit)
     assert r["final_equal_reference"] and r["gated_step_moved"] and r["engine_skipped"] == 0
     assert r["events"] == [GATE_STEP]
-    assert r["file"] is None or r["file"] == [{"event": "spike", "step": GATE_STEP, "action": "drop", "skipped": False,
-                          "dropped": {"count": world, "micro_batches": 2 * world, "positions": [1]}}]
+    dropped = {"count": world, "micro_batches": 2 * world, "positions": [1]}
+    assert r["file"] in (None, [{"event": "spike", "step": GATE_STEP, "action": "drop", "skipped": False,
+                                 "dropped": dropped}])
     logs = {h["step"]: h for h in r["logs"]}
     assert [logs[s]["gradclip/dropped_micro_batches"] for s in sorted(logs)] == [0] * 5 + [world, 0, 0]
     assert all(h["gradclip/skipped_steps"] == 0 for h in r["logs"])
@@ -37,8 +38,9 @@ def _check_gate(r, world=1):
     assert logs[GATE_STEP]["grad_norm"] == ref[GATE_STEP]["grad_norm"]  # the engine's norm is the kept mean's
     # nothing kept: a skip, bit-identical across it and at the end to a run without the step's batches
     assert r["all_across_equal"] and r["all_final_equal_dropped_run"] and r["all_engine_skipped"] == 1
-    assert r["all_file"] is None or r["all_file"] == [{"event": "spike", "step": GATE_STEP, "action": "skip", "skipped": True,
-                              "dropped": {"count": 2 * world, "micro_batches": 2 * world, "positions": [0, 1]}}]
+    dropped = {"count": 2 * world, "micro_batches": 2 * world, "positions": [0, 1]}
+    assert r["all_file"] in (None, [{"event": "spike", "step": GATE_STEP, "action": "skip", "skipped": True,
+                                     "dropped": dropped}])
     row = {h["step"]: h for h in r["all_logs"]}[GATE_STEP]
     assert row["gradclip/dropped_micro_batches"] == 2 * world and row["gradclip/skipped_steps"] == 1
     assert row["gradclip/nonfinite_steps"] == 0 and row["grad_norm"] is None  # not measured (NaN)
@@ -60,6 +62,17 @@ def test_the_gate_on_two_ranks(ranks):
     _check_gate(r0, world=2)
     _check_gate(r1, world=2)
     assert r0["logs"] == r1["logs"]
+
+
+@pytest.mark.parametrize("stage", [2], indirect=True, ids=["zero2"])
+def test_a_rescale_that_is_not_a_power_of_two_is_one_rounding_away(stage):
+    """Gradient accumulation 4, one micro-batch dropped: the rescale 4/3, through the loss scale 3/4, against a run
+    that multiplies the three kept losses by 4/3 (no clipping, which would normalize the scale away): the fp32
+    weights end within rounding (measured 5.8e-9 relative), where dropping without the rescale is 1e5 times
+    further (8.5e-4)."""
+    r = stage["gate_ga4"]
+    assert r["events"] == [GATE_STEP] and r["file"][0]["dropped"] == {"count": 1, "micro_batches": 4, "positions": [1]}
+    assert r["rel_to_reference"] < 1e-7 and r["rel_without_rescale"] > 1e-4
 
 
 @pytest.mark.parametrize("stage", [1, 2], indirect=True, ids=["zero1", "zero2"])
