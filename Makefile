@@ -17,9 +17,15 @@ STAMP_AXOLOTL := $(VENV_AXOLOTL)/.gradclip-installed
 VENV_DEEPSPEED ?= .venv-deepspeed
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP_DEEPSPEED := $(VENV_DEEPSPEED)/.gradclip-installed
+# the DeepSpeed lane again on transformers 4.57 (the Trainer's DeepSpeed path differs by version): a virtualenv that
+# sees the DeepSpeed lane's (torch, deepspeed, accelerate) and holds transformers 4.57 and what it needs on top
+# (huggingface_hub < 1, so datasets 5.0.1: datasets 5.2 needs huggingface_hub 1.x)
+VENV_DEEPSPEED_TF4 ?= .venv-deepspeed-tf4
+TF4_DATASETS_SPEC ?= datasets==5.0.1
+STAMP_DEEPSPEED_TF4 := $(VENV_DEEPSPEED_TF4)/.gradclip-installed
 PIP_OPTS ?= --quiet
 
-.PHONY: install test test-main test-tf4 test-package test-axolotl test-deepspeed demo gpu-check clean
+.PHONY: install test test-main test-tf4 test-package test-axolotl test-deepspeed test-deepspeed-tf4 demo gpu-check clean
 
 $(STAMP): setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -52,12 +58,23 @@ $(STAMP_AXOLOTL): setup.py setup.cfg
 $(STAMP_DEEPSPEED): setup.py setup.cfg
 	$(call lane_venv,$(VENV_DEEPSPEED),$(DEEPSPEED_SPEC))
 
+# the DeepSpeed lane's site-packages added by a .pth file (its own .pth files processed: site.addsitedir), after
+# this virtualenv's own, so what is installed here wins; nothing is downloaded but transformers 4.57 and its pins
+PURELIB = -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+$(STAMP_DEEPSPEED_TF4): $(STAMP_DEEPSPEED)
+	$(VENV_DEEPSPEED)/bin/python -m venv $(VENV_DEEPSPEED_TF4)
+	echo "import site; site.addsitedir('$$($(VENV_DEEPSPEED)/bin/python $(PURELIB))')" \
+		> "$$($(VENV_DEEPSPEED_TF4)/bin/python $(PURELIB))/zz_deepspeed_lane.pth"
+	$(VENV_DEEPSPEED_TF4)/bin/python -m pip install $(PIP_OPTS) "$(TORCH_SPEC)" "$(TF4_SPEC)" "$(TF4_DATASETS_SPEC)"
+	ln -sf "$(abspath $(VENV_DEEPSPEED))/bin/wandb" $(VENV_DEEPSPEED_TF4)/bin/wandb
+	touch $(STAMP_DEEPSPEED_TF4)
+
 install: $(STAMP)
 
 # the whole suite on the newest transformers, then the Trainer integration and logging tests on 4.57, then the
 # built package (sdist + wheel, twine check, the wheel used from a fresh virtualenv), then the Axolotl lane, then
-# the DeepSpeed lane (about 2 minutes with its virtualenv built: docs/distributed.md)
-test: test-main test-tf4 test-package test-axolotl test-deepspeed
+# the DeepSpeed lane, on transformers 5.x and again on 4.57 (their cost: docs/distributed.md)
+test: test-main test-tf4 test-package test-axolotl test-deepspeed test-deepspeed-tf4
 
 test-main: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -72,9 +89,13 @@ test-package: $(STAMP)
 test-axolotl: $(STAMP_AXOLOTL)
 	$(VENV_AXOLOTL)/bin/python -m pytest tests/axolotl -p no:cacheprovider $(PYTEST_ARGS)
 
-# real DeepSpeed ZeRO-2/ZeRO-3 engines on CPU through the Trainer (tests/deepspeed); cost: docs/distributed.md
+# real DeepSpeed ZeRO-1/2/3 engines on CPU through the Trainer (tests/deepspeed); cost: docs/distributed.md
 test-deepspeed: $(STAMP_DEEPSPEED)
 	DS_ACCELERATOR=cpu $(VENV_DEEPSPEED)/bin/python -m pytest tests/deepspeed -p no:cacheprovider $(PYTEST_ARGS)
+
+# the same tests on transformers 4.57.6 (install ~30 s on top of .venv-deepspeed, run ~3 min: docs/distributed.md)
+test-deepspeed-tf4: $(STAMP_DEEPSPEED_TF4)
+	DS_ACCELERATOR=cpu $(VENV_DEEPSPEED_TF4)/bin/python -m pytest tests/deepspeed -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	WANDB_MODE=offline $(PY) -m gradclip_hf demo $(DEMO_ARGS)
@@ -96,4 +117,4 @@ gpu-check:
 	fi
 
 clean:
-	rm -rf $(VENV) $(VENV_TF4) $(VENV_AXOLOTL) $(VENV_DEEPSPEED) build *.egg-info .pytest_cache demo_output
+	rm -rf $(VENV) $(VENV_TF4) $(VENV_AXOLOTL) $(VENV_DEEPSPEED) $(VENV_DEEPSPEED_TF4) build *.egg-info .pytest_cache demo_output

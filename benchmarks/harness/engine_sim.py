@@ -6,7 +6,11 @@ adaptive strategies and the gradient-norm spike detector lag one step. :class:`E
 that order with a plain optimizer, without DeepSpeed: ``before(step, loss)`` -> clip at that threshold as the
 ZeRO optimizers do (``coef = 1 / max(1, (norm + 1e-6) / threshold)``) -> ``after(norm)``; a step with a
 non-finite norm is skipped (every ``grad`` set to ``None``: the optimizer leaves weights and state alone), as
-the engine's overflow check does. Comparing ``engine:<options>`` with ``pack:<options>`` on the same
+the engine's overflow check does. A loss spike whose action holds the update back (``skip``, ``rollback``,
+``stop``: :func:`~gradclip_hf.run.decision.skip_before_update`) is skipped the same way, as the pack makes the
+engine skip it (its loss times NaN), and reported as a dropped step (``after(norm, dropped=True)``: its norm is
+not measured); the learning-rate schedule advances on it, as the pack has it under DeepSpeed. (Rollback itself is
+not simulated: its spike step is skipped.) Comparing ``engine:<options>`` with ``pack:<options>`` on the same
 scenarios and seeds measures what the lag costs.
 """
 
@@ -20,6 +24,7 @@ from transformers import Trainer
 
 from gradclip_hf.core.external import ExternalClip
 from gradclip_hf.core.strategies import TORCH_EPS
+from gradclip_hf.run.decision import skip_before_update
 
 __all__ = ["EngineSimTrainer"]
 
@@ -45,10 +50,12 @@ class EngineSimTrainer(Trainer):
             self.external = ExternalClip(self.clip_config.build(self.state.max_steps, self.args.max_grad_norm))
         loss, self._loss = self._loss, None
         threshold = self.external.before(self.state.global_step, loss)  # before the "engine" step
+        spikes, flag = self.external.clipper.spikes, self.external.loss_spike
+        dropped = skip_before_update(flag is not None and bool(flag), spikes.action if spikes else None, False)
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        report = self.external.after(norm)
-        if not math.isfinite(float(norm)):  # the engine's overflow check: no update at all
+        report = self.external.after(norm, dropped=dropped)
+        if dropped or not math.isfinite(float(norm)):  # the engine's overflow check: no update at all
             for p in params:
                 p.grad = None
         else:

@@ -6,7 +6,8 @@ module             what it holds
 ``run``            :class:`ClipRun`: one run, built at train begin, closed at train end
 ``backends``       the step backend of a run (:class:`LocalStep`; DeepSpeed's in
                    :mod:`gradclip_hf.integrations.deepspeed`): where the clip and the skip happen
-``decision``       :func:`skip_update`: the one decision, skip this update or not
+``decision``       :func:`skip_update`: the one decision, skip this update or not (and
+                   ``skip_before_update``: the part known before an engine steps inside backward)
 ``gate``           :class:`StepGate`: the decision and the clip multiplier inside ``optimizer.step()``
 ``actions``        rollback, stop, the watchdogs; whether the decision must be read on the host
 ``metrics``        the step loss and the logging window (one transfer per logging step)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..config import ClipConfig
-from ..core import ClipReport, GradClipper, SpikeAction, TrainingSnapshot
+from ..core import ClipReport, GradClipper, SpikeAction
 from ..core._checks import check_int, state_field
 from ..core.spikes import reduce_loss
 from .backends import StepBackend
@@ -82,8 +82,7 @@ class StepActions:
         self.loss_scale = backend.loss_scale if backend.scaler else None
         self.nonfinite_limit = config.nonfinite_max_consecutive
         self.loss_cap, self.loss_cap_patience = config.loss_cap, config.loss_cap_patience
-        self.snapshot = (TrainingSnapshot(config.spike_snapshot_every) if self.action is SpikeAction.ROLLBACK
-                         else None)
+        self.snapshot = backend.snapshot(config.spike_snapshot_every) if self.action is SpikeAction.ROLLBACK else None
         self.listed = config.steps_to_skip()
         self.stop_reason: str | None = None
         self.stop_step: int | None = None

@@ -9,8 +9,9 @@ backend             where the clip and the skip happen
                     :class:`~gradclip_hf.run.gate.StepGate` on the optimizer (``found_inf``, or hidden
                     gradients). The Trainer without DeepSpeed, ``AcceleratorClipper``.
 ``EngineStep``      an optimizer that clips inside its own step by one threshold (DeepSpeed ZeRO:
-                    :mod:`gradclip_hf.integrations.deepspeed`): the threshold is set before the engine
-                    steps, inside the last micro-batch's backward, and its norm is read back after.
+                    :mod:`gradclip_hf.integrations.deepspeed`): the threshold and the skip are set before
+                    the engine steps, inside the last micro-batch's backward (a skipped step's loss times
+                    NaN: the engine's own overflow path), and its norm is read back after.
 ==================  ====================================================================================
 
 One step, as the run calls a backend::
@@ -20,6 +21,7 @@ One step, as the run calls a backend::
     report = backend.measure(model, step, loss)    # the norm, the thresholds, the spike controller
     skip = skip_update(report, backend, listed)    # THE decision (gradclip_hf.run.decision), once
     backend.apply(report, skip, skip_now)          # the multiplier and the decision go to the update
+    backend.end_step()                             # after the loop's own bookkeeping of the step
 
 The micro-batch gate (``spike_gate="micro_batch"``, :mod:`gradclip_hf.core.gate`) runs before the backend sees
 a micro-batch: the run hands :meth:`StepBackend.before_backward` the loss already multiplied by its keep flag
@@ -38,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..core import ClipReport, GradClipper, NonFinitePolicy
+from ..core import ClipReport, GradClipper, NonFinitePolicy, TrainingSnapshot
 from ..core.gate import GateStep
 from .compat import inner_optimizer, loss_scale, scaler_enabled, unscale_once
 from .gate import StepGate
@@ -60,17 +62,21 @@ class StepBackend:
       (the step loss is needed before the last backward);
     - ``hand_off``: the clip multiplier goes to the optimizer instead of into the gradients;
     - ``optimizer``: the torch optimizer whose state a rollback snapshot keeps (``None``: none reachable);
-    - ``scaler``: an fp16 loss scaler skips overflow steps itself.
+    - ``scaler``: an fp16 loss scaler skips overflow steps itself;
+    - ``uncomputed_listed``: a listed step's batches may be consumed without a forward or a backward (the update
+      is then held back with :meth:`hold`); ``False``: they are computed and the update skipped as decided.
     """
 
     name = "base"
     guard = holds = host_decision = layer_norms = loss_before_backward = hand_off = scaler = False
+    uncomputed_listed = True
     optimizer: Any = None
 
     def start(self, step: int) -> None:
         """Train begin, after a resumed run's state is loaded (``step``: the step training starts from)."""
 
-    def before_backward(self, loss: Tensor, *, last: bool, step: int, step_loss: Tensor | None) -> Tensor:
+    def before_backward(self, loss: Tensor, *, last: bool, step: int, step_loss: Tensor | None,
+                        gate: GateStep | None = None) -> Tensor:
         """Before a micro-batch's backward: the loss to backpropagate (this one, unchanged here). ``last``: the
         step's last micro-batch; ``step_loss``: the step's loss when ``last`` (mean over its micro-batches)."""
         return loss
@@ -101,6 +107,15 @@ class StepBackend:
     def loss_scale(self) -> Tensor | None:
         """The fp16 loss scaler's current scale (a device tensor), else ``None``."""
         return None
+
+    def end_step(self) -> None:
+        """After the optimizer step's bookkeeping (the Trainer: ``on_step_end``, once it has read the learning rate
+        and stepped its scheduler, before it logs or saves a checkpoint)."""
+
+    def snapshot(self, every: int) -> Any:
+        """What ``spike_action="rollback"`` restores, taken every ``every`` clean steps: the trainable weights and
+        the optimizer's per-parameter state (an engine with sharded state gives its own, same interface)."""
+        return TrainingSnapshot(every)
 
     def close(self) -> None:
         """Train end (any exit): put back whatever the backend changed."""

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core import ClipReport
+from ..core import ClipReport, SpikeAction
 from .backends import StepBackend
 
-__all__ = ["skip_update"]
+__all__ = ["skip_update", "skip_before_update", "HOLDING"]
 
 
 def skip_update(report: ClipReport, backend: StepBackend, listed: bool) -> Tensor:
@@ -31,3 +31,15 @@ def skip_update(report: ClipReport, backend: StepBackend, listed: bool) -> Tenso
     if listed:
         skip = torch.ones_like(skip)
     return skip
+
+
+HOLDING = (SpikeAction.SKIP, SpikeAction.ROLLBACK, SpikeAction.STOP)  # the actions that hold a spike's update back
+
+
+def skip_before_update(loss_spike: bool, action: SpikeAction | None, listed: bool) -> bool:
+    """Where the update happens inside the step's last backward (a DeepSpeed engine) and the pack can hold it back
+    only there, by making the engine take its own overflow path: the decision as far as it is known before that
+    backward, on the host. A loss spike (the loss is known before the backward) whose action holds the update
+    back (``skip``, ``rollback``, ``stop``), or a listed step. A gradient-norm spike is known after the update:
+    :func:`skip_update` then says what the engine did."""
+    return listed or (loss_spike and action in HOLDING)

@@ -98,7 +98,7 @@ class MetricsWindow:
             s["spikes"] += spike.to(torch.float32)
             if report.spike.dropped is not None:
                 s["dropped"] += report.spike.dropped.to(device=norm.device, dtype=torch.float32)
-            if keep_spike_layers:
+            if keep_spike_layers and report.names:  # a step without per-tensor norms (DeepSpeed: most) keeps them
                 self._keep_spike_layers(report, spike)
 
     def _keep_spike_layers(self, report: ClipReport, spike: Tensor) -> None:

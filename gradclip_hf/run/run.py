@@ -29,6 +29,15 @@ STOP_KEY = "gradclip/stop_reason"  # in the log row of the step the pack stopped
 CAPACITY = 256  # flagged steps the device rings hold between two reads
 
 
+def _rank_zero() -> bool:
+    """Rank 0 of ``torch.distributed`` (True where it is not initialized). The loop's own answer is not enough:
+    DeepSpeed on CPU under ``torchrun`` leaves the Trainer's accelerator with one process on every rank, so each
+    rank would think it writes the spike file."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 class ClipRun:
     """One training run. ``config`` (or a ready ``clipper``) and the Trainer's ``args``/``state``/optimizer.
 
@@ -61,11 +70,15 @@ class ClipRun:
             self.backend = backend(self.clipper)
         self.lr_guard = self.config.build_lr_guard()
         if self.lr_guard is not None:
-            self.backend.guard_lr(self.lr_guard)
+            try:
+                self.backend.guard_lr(self.lr_guard)
+            except ValueError:  # refused: what the backend set up (an engine's wrappers) does not outlive this
+                self.backend.close()
+                raise
         self._lr_capped_seen = 0
         self.actions = StepActions(self.clipper, self.config, self.backend, owner)
         self.skip_prints = self.config.skip_fingerprints() if clipper is None else {}
-        self.main_process = bool(getattr(state, "is_world_process_zero", True))
+        self.main_process = bool(getattr(state, "is_world_process_zero", True)) and _rank_zero()
         self.recorder = self._recorder(args, decode)
         spikes = self.clipper.spikes
         self.gate = spikes.gate if spikes is not None else None  # the micro-batch gate (spike_gate="micro_batch")
@@ -86,6 +99,7 @@ class ClipRun:
         self.ship_layers = self.layers.enabled  # every layer's norm in the logging transfer
         self._unreported: dict[str, float] | None = None
         self._clipped_step: int | None = None
+        self._layer_names: list[str] = []
         self.share: tuple[Any, Any] | None = None  # the next micro-batch's share for the gate (the integration's)
 
     def _recorder(self, args: Any, decode: Any) -> EventRecorder:
@@ -98,7 +112,8 @@ class ClipRun:
         """Train begin: warn about listed steps this run cannot apply as meant (:mod:`.skiplists`)."""
         if self.main_process:
             check_start(self.actions.listed, int(getattr(state, "global_step", 0) or 0),
-                        int(getattr(state, "max_steps", 0) or 0), getattr(args, "resume_from_checkpoint", None))
+                        int(getattr(state, "max_steps", 0) or 0), getattr(args, "resume_from_checkpoint", None),
+                        computed=not self.backend.uncomputed_listed)
 
     @property
     def spike_events(self) -> list[SpikeEvent]:
@@ -142,7 +157,9 @@ class ClipRun:
         if self.gate is not None:
             scale, weight = share if share is not None else (1.0, 1.0)
             loss = self.gate_loss(loss, loss.detach() * scale, weight)
-        return self.backend.before_backward(loss, last=last, step=step, step_loss=self._step_loss if last else None)
+        gate = self.gate.close() if last and self.gate is not None and self.backend.loss_before_backward else None
+        return self.backend.before_backward(loss, last=last, step=step, step_loss=self._step_loss if last else None,
+                                            gate=gate)
 
     def gate_loss(self, loss: Any, mean: Any, weight: Any = 1.0) -> Any:
         """The micro-batch gate on one micro-batch: ``loss * keep``, ``keep`` from judging its ``mean`` loss
@@ -165,8 +182,9 @@ class ClipRun:
     def skip_batch(self, step: int) -> bool:
         """Whether a micro-batch of optimizer step ``step`` (optimizer steps done before it) is to be consumed
         without being computed: the step is listed (``skip_steps``/``skip_steps_from``). The integration that
-        asks then neither runs its forward nor its backward, and hands :meth:`add_micro_batch` a zero loss."""
-        if step + 1 not in self.actions.listed:
+        asks then neither runs its forward nor its backward, and hands :meth:`add_micro_batch` a zero loss. Not on a
+        backend that computes listed steps (``backend.uncomputed_listed`` False: DeepSpeed)."""
+        if step + 1 not in self.actions.listed or not self.backend.uncomputed_listed:
             return False
         self.uncomputed.step = step
         return True
@@ -200,10 +218,17 @@ class ClipRun:
             self.recorder.add_listed(step + 1)
         self.num_clips += 1
         self.last_report = report
+        if report.names:  # the names the recorded layer indices refer to (DeepSpeed: only steps that read them)
+            self._layer_names = report.names
         self._since_read += 1
         if self._since_read >= self.read_every:  # the device rings would fill before the next log: read now
             self._read_flagged()
         return report
+
+    def end_step(self) -> None:
+        """After the loop's bookkeeping of the step (the Trainer's ``on_step_end``): the backend's (DeepSpeed steps
+        the learning-rate scheduler there after a step the pack skipped)."""
+        self.backend.end_step()
 
     def _close_gate(self, step: int) -> Any:
         if self.gate is None:
@@ -347,7 +372,7 @@ class ClipRun:
         values = to_host({**self.messages.tensors(), **self.recorder.tensors()})
         action = self.actions.action.value
         self.messages.show(values, action)
-        self.recorder.flush(values, self.spike_events, self.last_report.names if self.last_report else [], action,
+        self.recorder.flush(values, self.spike_events, self._layer_names, action,
                             lambda s: self.clipper.base_threshold(max(s - 1, 0)))
 
     def _write_stop(self) -> None:

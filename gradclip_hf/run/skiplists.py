@@ -30,19 +30,20 @@ def _steps(steps: list[int], limit: int = 8) -> str:
     return shown + (f" and {len(steps) - limit} more" if len(steps) > limit else "")
 
 
-def check_start(listed: frozenset[int], start: int, max_steps: int, resume_arg: Any) -> None:
+def check_start(listed: frozenset[int], start: int, max_steps: int, resume_arg: Any, computed: bool = False) -> None:
     """Say once which updates the skip list skips (INFO, as the threshold line; no line per step: the spike
     messages say "listed" where a listed step spikes again), and warn about listed steps this run
     cannot apply as meant (module docstring); ``start`` is the step the run starts from (the checkpoint's
-    ``global_step``, 0 for a fresh run)."""
+    ``global_step``, 0 for a fresh run); ``computed``: the listed steps' batches are still computed (DeepSpeed)."""
     if not listed:
         return
     ahead = sorted(s for s in listed if s > start and not (max_steps and s > max_steps))
     if ahead:
         plural = "s" if len(ahead) > 1 else ""
         logger.info("gradclip: the skip list (clip_skip_steps / clip_skip_steps_from) skips the update%s of step%s "
-                    "%s (%d in all); their batches are consumed without being computed, so the data order stays the same.",
-                    plural, plural, step_ranges(ahead, limit=8), len(ahead))
+                    "%s (%d in all); their batches are consumed %s, so the data order stays the same.",
+                    plural, plural, step_ranges(ahead, limit=8), len(ahead),
+                    "and computed, the update skipped" if computed else "without being computed")
     if start == 0 and resume_arg:
         logger.warning("gradclip: TrainingArguments.resume_from_checkpoint=%r is set, but training starts at step 0: "
                        "the Trainer does not read that argument itself, so the skip list (steps %s) applies to a "

@@ -108,3 +108,41 @@ def test_clippers_it_cannot_drive_are_refused(clipper, match):
 def test_after_needs_before():
     with pytest.raises(RuntimeError, match="before"):
         ExternalClip(GradClipper(NormClip(1.0))).after(1.0)
+
+
+@pytest.mark.parametrize("make", [lambda: ZScoreClip(warmup_steps=3, max_grad_norm=None),
+                                  lambda: QuantileClip(quantile=0.5, history=4)], ids=["zscore", "quantile"])
+def test_a_dropped_step_is_a_skip_that_measures_and_learns_nothing(make):
+    """``after(norm, dropped=True)``: the caller made the step's gradients non-finite so that the engine skips it
+    (the pack's skip under DeepSpeed): a skip, not a non-finite step; its norm NaN (not measured); the statistics and
+    the detectors as if the step had not happened; the loss detector still saw its loss (as on the local path)."""
+    def controller():
+        return SpikeController(detect_loss=True, detect_norm=True, warmup_steps=3, z=4.0, spike_factor=1.0)
+
+    spikes, others = controller(), controller()
+    with_drop, without = ExternalClip(GradClipper(make(), spikes=spikes)), ExternalClip(GradClipper(make(), spikes=others))
+    for step, norm in enumerate(NORMS):
+        with_drop.before(step, torch.tensor(2.0))
+        if step == 4:
+            r = with_drop.after(float("inf"), dropped=True)
+            values = r.to_floats()
+            assert values["skip"] == 1.0 and values["nonfinite"] == 0.0 and values["clipped"] == 0.0
+            assert math.isnan(values["norm"]) and math.isnan(values["norm_post"]) and values["coef"] == 1.0
+            assert not bool(r.spike.norm_spike)
+            continue
+        without.before(step, torch.tensor(2.0))
+        assert not bool(with_drop.after(norm).skip)
+        without.after(norm)
+    assert with_drop.state_dict()["strategies"] == without.state_dict()["strategies"]
+    assert spikes.norm_detector.state_dict() == others.norm_detector.state_dict()
+    assert spikes.loss_detector.state_dict()["count"] == others.loss_detector.state_dict()["count"] + 1
+
+
+def test_loss_spike_flag_of_the_prepared_step():
+    external = ExternalClip(GradClipper(NormClip(1.0), spikes=SpikeController(detect_norm=False, warmup_steps=3)))
+    assert external.loss_spike is None  # nothing prepared
+    for step, loss in enumerate([2.0, 2.01, 1.99, 2.0, 50.0]):
+        external.before(step, torch.tensor(loss))
+        assert bool(external.loss_spike) is (step == 4)
+        external.after(1.0)
+    assert ExternalClip(GradClipper(NormClip(1.0))).loss_spike is None

@@ -1,8 +1,9 @@
 """DeepSpeed worker: real ZeRO engines on CPU through the Hugging Face Trainer, launched by ``tests/deepspeed``.
 
-``DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 _worker.py OUT_DIR STAGE [RUN ...]`` runs each RUN (below) with
-ZeRO stage STAGE and writes ``OUT_DIR/stage<STAGE>.json``: per run and optimizer step the threshold the pack set
-on the engine (``engine.optimizer.clip_grad`` when the step ran), the engine's pre-clip norm, the post-clip norm
+``DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 _worker.py OUT_DIR STAGE [RUN ...]`` runs each RUN (below, and
+``_exact.RUNS``: skip, rollback, schedule, per-layer norms, fp16, W&B with AdamW; ``_gate.RUNS``: the micro-batch
+gate) with ZeRO stage STAGE and writes ``OUT_DIR/stage<STAGE>.json``; the runs below use plain SGD and record:
+per run and optimizer step the threshold the pack set on the engine (``engine.optimizer.clip_grad`` when the step ran), the engine's pre-clip norm, the post-clip norm
 MEASURED from the weights (plain SGD: ``|w_after - w_before| / lr``, fp32 master weights gathered with
 ``deepspeed.utils.safe_get_full_fp32_param``), the run's report, and the logs. Errors raised by ``train()`` are
 recorded (type and message), with the engine's ``clip_grad`` after the exit.
@@ -23,8 +24,10 @@ torch.set_num_threads(1)
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
+import _exact  # noqa: E402
+import _gate  # noqa: E402
 from gradclip_hf.standins import ByteLMDataset, stdlib_text, tiny_llama  # noqa: E402
-from gradclip_hf.integrations.transformers import (GradClipCallback, GradClipTrainer,  # noqa: E402
+from gradclip_hf.integrations.transformers import (GradClipCallback,  # noqa: E402
                                                    GradClipTrainingArguments)
 
 OUT, STAGE, RUNS = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -90,7 +93,7 @@ def build(name: str, options: dict, *, bare: bool = False, loss_at: dict | None 
           max_grad_norm: float = 1.0, accum: int = 1):
     args = dict(output_dir=os.path.join(OUT, f"s{STAGE}_{name}"), max_steps=steps, per_device_train_batch_size=BATCH,
                 learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
-                report_to="none", disable_tqdm=True, seed=0, data_seed=0, train_sampling_strategy="sequential",
+                report_to="none", disable_tqdm=True, seed=0, data_seed=0, **_exact.ORDER,
                 dataloader_num_workers=0, max_grad_norm=max_grad_norm, deepspeed=ds_config(STAGE, **(ds_zero or {})),
                 save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                 gradient_accumulation_steps=accum, clip_log_layers_top_k=0 if bare else 8)
@@ -109,12 +112,12 @@ def build(name: str, options: dict, *, bare: bool = False, loss_at: dict | None 
         model.register_forward_hook(hook)
     if bare:
         callback = GradClipCallback(**options)
-        trainer = Trainer(model=model, args=GradClipTrainingArguments(**args), train_dataset=blocks,
+        trainer = _exact.in_order(Trainer)(model=model, args=GradClipTrainingArguments(**args), train_dataset=blocks,
                           callbacks=[callback])
         source = callback
     else:
         clip = {f"clip_{k}": v for k, v in options.items()}
-        trainer = GradClipTrainer(model=model, args=GradClipTrainingArguments(**args, **clip), train_dataset=blocks)
+        trainer = _exact.InOrder(model=model, args=GradClipTrainingArguments(**args, **clip), train_dataset=blocks)
         source = trainer
     probe = Probe(trainer, source)
     trainer.add_callback(probe)
@@ -146,6 +149,7 @@ def run(name: str, options: dict, crash_at: int | None = None, **kwargs) -> dict
 
 
 SPIKES = dict(spike_detection="loss", spike_warmup_steps=3, spike_z=4.0)
+NORM = dict(SPIKES, spike_detection="norm")
 ZSCORE = dict(strategy="zscore", threshold=5.0, zscore_warmup_steps=3, zscore_z=0.5)
 SPIKY = {SPIKE_STEP: 30.0}  # the loss (and gradients) of one step x30
 RUN_TABLE = {
@@ -155,12 +159,16 @@ RUN_TABLE = {
     "spike_bare": lambda: run("spike_bare", dict(threshold=0.5, **SPIKES), loss_at=SPIKY, bare=True),
     "accum": lambda: run("accum", dict(threshold=0.5, **SPIKES), accum=2, loss_at={2 * SPIKE_STEP + 1: 30.0}),
     "stop": lambda: run("stop", dict(threshold=0.5, spike_action="stop", **SPIKES), loss_at=SPIKY),
+    "norm_spike": lambda: run("norm_spike", dict(threshold=0.5, **NORM), loss_at=SPIKY),
+    "norm_stop": lambda: run("norm_stop", dict(threshold=0.5, spike_action="stop", **NORM), loss_at=SPIKY),
     "zscore": lambda: run("zscore", ZSCORE, loss_at=SPIKY),
     "quantile": lambda: run("quantile", dict(strategy="quantile", quantile=0.5)),
     "nonfinite": lambda: run("nonfinite", dict(threshold=1.0), loss_at={3: float("nan")}, steps=5),
+    "raise": lambda: run("raise", dict(threshold=1.0, nonfinite="raise"), loss_at={3: float("nan")}, steps=5),
     "zero_clip": lambda: run("zero_clip", dict(threshold=0.3), steps=3, max_grad_norm=0.0),
     "crash": lambda: run("crash", dict(threshold=0.3), crash_at=2),
-    "refuse_skip": lambda: run("refuse_skip", dict(spike_detection="loss", spike_action="skip")),
+    "refuse_skip": lambda: run("refuse_skip", dict(spike_detection="both", spike_action="skip")),
+    "refuse_lr_guard": lambda: run("refuse_lr_guard", dict(threshold=0.3, lr_guard=3.0)),
     "refuse_nograd": lambda: run("refuse_nograd", dict(threshold=0.3), ds_zero={"compute_grad_norm": False},
                                  max_grad_norm=0.0),
 }
@@ -182,10 +190,18 @@ def resume_runs() -> dict:
 
 
 def main() -> None:
+    """Each RUN of this stage; ``NAME@S`` runs ``_exact``'s NAME on ZeRO stage S (several stages in one launch).
+    With several ranks each writes its own file (``stage<STAGE>_r<RANK>.json``; rank 0 ``stage<STAGE>.json``)."""
     results = {"stage": STAGE}
     for name in RUNS:
-        results[name] = resume_runs() if name == "resume" else RUN_TABLE[name]()
-    with open(os.path.join(OUT, f"stage{STAGE}.json"), "w") as f:
+        base, _, on = name.partition("@")
+        runs = {**_exact.RUNS, **_gate.RUNS}
+        if base in runs:
+            results[name] = runs[base](OUT, int(on) if on else STAGE)
+        else:
+            results[name] = resume_runs() if name == "resume" else RUN_TABLE[name]()
+    rank = int(os.environ.get("RANK", "0"))
+    with open(os.path.join(OUT, f"stage{STAGE}" + (f"_r{rank}" if rank else "") + ".json"), "w") as f:
         json.dump(results, f)
     import torch.distributed as dist
     if dist.is_initialized():

@@ -60,6 +60,18 @@ def test_grid_shares_clean_runs_between_faults_of_a_task(tmp_path):
     assert len(RunStore(tmp_path / "runs.jsonl").runs) == 4  # written to disk
 
 
+def test_the_simulated_deepspeed_path_skips_loss_spikes_as_the_pack_does():
+    """``engine:`` (benchmarks/harness/engine_sim.py) skips a loss spike under ``spike_action="skip"`` before the
+    "engine" steps, as the pack now makes DeepSpeed do: the same steps as the local path's, the same end."""
+    spec = ("strategy=norm,threshold=1.0,spike_detection=loss,spike_action=skip,spike_factor=1.0,"
+            "spike_warmup_steps=5,spike_ratio=1.1")
+    engine = train_one(f"engine:{spec}", "garbage_batches", 0, True, TINY)
+    local = train_one(f"pack:{spec}", "garbage_batches", 0, True, TINY)
+    assert engine["skipped_steps"] == local["skipped_steps"] == engine["spike_steps"]
+    assert engine["skipped_steps"] and set(engine["skipped_steps"]) <= set(engine["fault_steps"])
+    assert engine["eval_loss"] == pytest.approx(local["eval_loss"], rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- accumulation
 TINY8 = dataclasses.replace(TINY, batch=8)  # the gallery's 8 samples per step: GA 4 x 2, GA 8 x 1
 

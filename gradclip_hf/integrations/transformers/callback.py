@@ -164,6 +164,7 @@ class GradClipCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args, state, control, **kwargs):
         run = self.session.live()
         if run is not None:
+            run.end_step()
             _apply_stop(run, control, args)
         return control
 

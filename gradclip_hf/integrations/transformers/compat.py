@@ -39,8 +39,14 @@ checkpoint``)                                                   ``type(cb)(**sta
 ``Accelerator.sync_gradients``                                  instance for the run; at the step's last micro-
                                                                 batch (``sync_gradients``) the engine's threshold
                                                                 is set before the original runs (it steps there)
-``Trainer.model_wrapped`` (the engine)  (5.25)      yes        DeepSpeed: the ``DeepSpeedEngine`` of the run
+``Trainer.model_wrapped`` (the engine)  (5.25)      (yes)      DeepSpeed: the ``DeepSpeedEngine`` of the run
 ``deepspeed_plugin.deepspeed_config``   (1.16)      (1.16)     DeepSpeed: the config dict ("auto" filled in)
+``Trainer.lr_scheduler``                (5.25)      (yes)      DeepSpeed: stepped once after a step the pack
+                                                                skipped when the engine has no scheduler of its
+                                                                own (the Trainer skips it on an overflow step)
+``DefaultFlowCallback``'s logging       (5.25)      (yes)      DeepSpeed: which steps log (``logging_first_step``,
+rule, ``TrainerState.logging_steps``                            ``logging_strategy`` steps/epoch): per-layer norms
+                                                                are read before the engine frees the gradients
 ``Trainer.loss_is_scaled_for_ga``,      5.25        absent     the micro-batch gate (:func:`micro_batch_share`):
 ``model_accepts_loss_kwargs``,          yes         yes        whether ``training_step`` divides the loss by
 ``compute_loss_func``,                                         ``current_gradient_accumulation_steps`` or
@@ -55,7 +61,8 @@ checkpoint``)                                                   ``type(cb)(**sta
 =====================================  ==========  =========  =================================================
 
 The DeepSpeed rows (in parentheses) are verified with transformers 5.25.0 and accelerate 1.16.0, the versions
-of ``.venv-deepspeed`` (``make test-deepspeed``); the DeepSpeed path is not run on transformers 4.57.
+of ``.venv-deepspeed`` (``make test-deepspeed``), and with transformers 4.57.6 (tests/deepspeed run in a venv
+with it: docs/distributed.md).
 
 DeepSpeed 0.19.8 (read in its source, and run on CPU by ``tests/deepspeed``, ZeRO-1, ZeRO-2 and ZeRO-3):
 
@@ -67,16 +74,20 @@ DeepSpeed 0.19.8 (read in its source, and run on CPU by ``tests/deepspeed``, ZeR
                                         ZeRO-3 does not save it. Written before each step and at train begin
                                         (after a resume); the value found at train begin is put back at the end
 ``zero_optimization.compute_grad_norm`` must stay true (the default): false leaves no norm (refused)
-``engine.get_global_grad_norm()``       public: the unscaled pre-clip norm of the last step (a device tensor)
-``engine.optimizer.overflow``           the step was skipped (non-finite norm, fp16 loss-scale overflow);
-                                        ZeRO-3 then leaves the previous norm in place: read as ``inf``
+``engine.get_global_grad_norm()``       public: the unscaled pre-clip norm of the last step (a device tensor);
+                                        ``inf`` (a float) after an overflow step, on every stage
+``engine.optimizer.overflow``           the step was skipped (non-finite norm, fp16 loss-scale overflow, or
+                                        the pack's own skip)
 ``engine.zero_optimization_stage()``,   public
 ``engine.fp16_enabled()``
 =====================================  =================================================================
 
+The engine's internals the DeepSpeed backend reaches for (the skip, rollback, per-layer norms, fp16) are listed
+in :mod:`gradclip_hf.integrations.deepspeed.compat`.
+
 Nothing here writes a private attribute: the skip goes through the optimizer's public step hooks
 (:class:`~gradclip_hf.run.gate.StepGate`), and the LR scheduler advances on a skipped step (the Trainer steps it
-unless a GradScaler reports an overflow).
+unless a GradScaler reports an overflow; under DeepSpeed the pack steps it after a step it skipped).
 """
 
 from __future__ import annotations
@@ -85,7 +96,7 @@ import sys
 from typing import Any
 
 __all__ = ["train_sampler", "find_trainer", "insert_callback", "is_deepspeed", "fsdp_version", "has_grad_norm_hooks",
-           "deepspeed_clipping", "deepspeed_engine", "deepspeed_config", "micro_batch_share"]
+           "deepspeed_clipping", "deepspeed_engine", "deepspeed_config", "logging_steps", "micro_batch_share"]
 
 
 def _trainer_cls():
@@ -194,6 +205,32 @@ def train_sampler(dataloader: Any) -> Any | None:
             continue
         return getattr(batch_sampler, "sampler", None)
     return None
+
+
+def logging_steps(args: Any, state: Any, dataloader: Any = None) -> Any:
+    """Whether the Trainer logs at step ``s`` (numbered from 1), as ``DefaultFlowCallback`` decides it:
+    ``logging_first_step``; every ``state.logging_steps`` steps (strategy ``steps``); the last step of each epoch
+    (strategy ``epoch``: the update steps per epoch from the train dataloader's length, as the Trainer counts
+    them). Known before the step, where DeepSpeed's gradients must be read."""
+    strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
+    every = int(getattr(state, "logging_steps", 0) or 0)
+    first = bool(getattr(args, "logging_first_step", False))
+    per_epoch = 0
+    if strategy == "epoch":
+        try:
+            batches, accumulate = len(dataloader), max(int(args.gradient_accumulation_steps), 1)
+            per_epoch = max(batches // accumulate + int(batches % accumulate > 0), 1)
+        except TypeError:  # no length: no epoch boundary known ahead
+            per_epoch = 0
+
+    def logs(step: int) -> bool:
+        if step == 1 and first:
+            return True
+        if strategy == "steps" and every > 0:
+            return step % every == 0
+        return per_epoch > 0 and step % per_epoch == 0
+
+    return logs
 
 
 def _label_tokens(trainer: Any, inputs: Any) -> Any:

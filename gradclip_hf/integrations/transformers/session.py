@@ -19,7 +19,7 @@ from ...core import GradClipper, StateError
 from ...run import RESET_HINT, ClipRun
 from ...run.batches import IndexRecord
 from ...run.messages import logger
-from ..deepspeed import EngineStep, check_deepspeed
+from ..deepspeed import EngineStep, check_deepspeed, check_engine
 from . import compat
 from .wandb_glue import WandbGlue
 
@@ -53,7 +53,24 @@ def deepspeed_engine(trainer: Any, config: ClipConfig | None, clipper: GradClipp
                          f"clip_grad was not found at train begin; use ZeRO stage 1, 2 or 3 (docs/distributed.md).")
     check_deepspeed(config if clipper is None else None, clipper, compat.deepspeed_config(trainer),
                     int(engine.zero_optimization_stage()), owner)
+    check_engine(engine, config if clipper is None else None, owner, clipper)
     return engine
+
+
+def engine_step(trainer: Any, engine: Any) -> Any:
+    """The backend factory of a run on ``engine``: after a step the pack skipped, the scheduler the engine paused
+    is stepped (the engine's own, else the Trainer's, which the Trainer skips when the engine overflowed)."""
+    return lambda clipper: EngineStep(clipper, engine, scheduler=lambda: trainer.lr_scheduler)
+
+
+def wire_engine(run: ClipRun, args: Any, state: Any, dataloader: Any) -> None:
+    """What the DeepSpeed backend reads from the run: the listed steps, and the steps whose per-layer norms are
+    logged (the Trainer's logging steps, and loss-spike steps when ``spike_layer/*`` is on)."""
+    backend = run.backend
+    backend.listed = frozenset(run.actions.listed)
+    if run.ship_layers:
+        backend.layers_at = compat.logging_steps(args, state, dataloader)
+        backend.layers_at_spikes = run.layers.top_k > 0
 
 
 class ClipSession:
@@ -88,7 +105,7 @@ class ClipSession:
             clipper.load_state_dict(self.user_clipper_state)
         processing = getattr(trainer, "processing_class", None)
         engine = deepspeed_engine(trainer, self.config, clipper, self.owner)
-        backend = None if engine is None else (lambda run_clipper: EngineStep(run_clipper, engine))
+        backend = None if engine is None else engine_step(trainer, engine)
         self.run = ClipRun(self.config, clipper, args=args, state=state, optimizer=optimizer, backend=backend,
                            owner=self.owner, decode=getattr(processing, "decode", None),
                            max_grad_norm=compat.deepspeed_clipping(trainer) if engine is not None else None)
@@ -97,6 +114,8 @@ class ClipSession:
         batches.dataset = getattr(trainer, "train_dataset", None)
         self._say_threshold(args)
         self.wandb = WandbGlue.create(args, self.run)
+        if engine is not None:
+            wire_engine(self.run, args, state, dataloader)
         return self.run
 
     def _say_threshold(self, args: Any) -> None:
