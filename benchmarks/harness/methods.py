@@ -128,6 +128,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
           spike_adapt_after=50, spike_early=False),
     _pack("rec_lrguard", "recommended() + lr_guard 2", **_N, **_SKIP, spike_factor=1.0, spike_adapt_after=50,
           lr_guard=2.0),
+    _pack("rec_no_lrguard", "recommended() without lr_guard", **_N, **_SKIP, spike_factor=1.0, spike_adapt_after=50),
 ]}
 
 

@@ -53,9 +53,9 @@ class LRGuard:
         self.peaks: list[float] = []  # the highest rate applied so far
         self.capped = 0  # steps with a capped learning rate so far (host count)
 
-    def before_step(self, optimizer: Any) -> list[tuple[dict, Any]]:
+    def before_step(self, optimizer: Any) -> list[tuple[dict, Any, float]]:
         """Cap the learning rates of ``optimizer``'s groups for the coming step and take them into the averages;
-        returns what :meth:`after_step` puts back."""
+        returns what :meth:`after_step` puts back (each group, its rate, the cap)."""
         groups = optimizer.param_groups
         for name in _FIELDS:
             values = getattr(self, name)
@@ -68,7 +68,7 @@ class LRGuard:
             limit = self.limit(i)
             applied = lr
             if limit is not None and lr > limit and lr > self.cap * self.last[i]:
-                saved.append((group, lr))
+                saved.append((group, lr, limit))
                 group["lr"] = applied = limit
                 capped = True
             self._observe(i, float(applied))
@@ -76,10 +76,12 @@ class LRGuard:
         return saved
 
     @staticmethod
-    def after_step(saved: list[tuple[dict, Any]]) -> None:
-        """Put back the learning rates :meth:`before_step` capped."""
-        for group, lr in saved:
-            group["lr"] = lr
+    def after_step(saved: list[tuple[dict, Any, float]]) -> None:
+        """Put back the learning rates :meth:`before_step` capped, where the group still holds the cap (a scheduler
+        that stepped inside the same call, as DeepSpeed's engine does, has set the next rate: it stays)."""
+        for group, lr, limit in saved:
+            if group["lr"] == limit:
+                group["lr"] = lr
 
     def limit(self, index: int = 0) -> float | None:
         """The largest learning rate group ``index`` may jump to at the next step (``None``: not capped yet)."""

@@ -115,6 +115,20 @@ class StateProbe(TrainerCallback):
             self.scaler[step] = {k: getattr(scaler, k, None) for k in SCALER_FIELDS}
 
 
+class LRAt(TrainerCallback):
+    """Multiplies the learning rate the scheduler set for the given steps (a learning-rate mistake), at step begin:
+    the engine steps (and its or the Trainer's scheduler sets the next rate) inside the step's last backward."""
+
+    def __init__(self, trainer, factors: dict):
+        self.trainer, self.factors = trainer, factors
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        factor = self.factors.get(state.global_step + 1)
+        if factor is not None:
+            for group in self.trainer.optimizer.param_groups:
+                group["lr"] *= factor
+
+
 def ds_config(stage: int, dtype: str, engine_optimizer: bool = False, bf16: dict | None = None, **fp16: Any) -> dict:
     config = {"zero_optimization": {"stage": stage}, "gradient_clipping": "auto",
               "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
@@ -130,9 +144,11 @@ def ds_config(stage: int, dtype: str, engine_optimizer: bool = False, bf16: dict
 
 def train(out: str, name: str, stage: int, *, steps: int, options: dict, dtype: str = "fp32", accum: int = 1,
           drop: tuple[int, ...] = (), loss_at: dict | None = None, states: bool = True, fp16: dict | None = None,
-          engine_optimizer: bool = False, bf16: dict | None = None, **overrides: Any) -> dict:
+          engine_optimizer: bool = False, bf16: dict | None = None, lr_at: dict | None = None,
+          **overrides: Any) -> dict:
     """One GradClipTrainer run; ``drop``: steps (from 1) whose samples are removed from the data (a run that never
-    saw those batches); ``loss_at``: {micro-batch index: loss factor}."""
+    saw those batches); ``loss_at``: {micro-batch index: loss factor}; ``lr_at``: {step (from 1): factor of the
+    learning rate the scheduler set for it}."""
     _patch_capabilities(dtype)
     per_step = BATCH * accum
     blocks = ByteLMDataset(stdlib_text(40_000), block_size=64)
@@ -162,6 +178,8 @@ def train(out: str, name: str, stage: int, *, steps: int, options: dict, dtype: 
             return output
         model.register_forward_hook(hook)
     trainer = InOrder(model=model, args=GradClipTrainingArguments(**args, **clip), train_dataset=data)
+    if lr_at:
+        trainer.add_callback(LRAt(trainer, lr_at))
     probe = StateProbe(trainer, states)
     trainer.add_callback(probe)
     trainer.train()
@@ -230,6 +248,23 @@ def schedule(out: str, stage: int) -> dict:
                           "logged_skip": [h["learning_rate"] for h in skip["logs"]],
                           "logged_plain": [h["learning_rate"] for h in plain["logs"]],
                           "engine_skipped": skip["engine_skipped"]}
+    return results
+
+
+def lr_guard(out: str, stage: int) -> dict:
+    """``lr_guard=2`` (as ``recommended()``): a learning rate 10x the scheduler's at step 22 (after the guard's 20
+    steps) is capped at 2x for that step; the run equals one whose rate was 2x there; the scheduler's next rate is
+    its own (with the Trainer's scheduler and with one the engine owns)."""
+    results = {}
+    for owner in ("trainer", "engine"):
+        common = dict(steps=24, lr_scheduler_type="constant", engine_optimizer=owner == "engine")
+        guarded = train(out, f"lrg_{owner}", stage, options=dict(lr_guard=2.0), lr_at={22: 10.0}, **common)
+        capped = train(out, f"lrg_capped_{owner}", stage, options={}, lr_at={22: 2.0}, **common)
+        wild = train(out, f"lrg_wild_{owner}", stage, options={}, lr_at={22: 10.0}, **common)
+        results[owner] = {"equal_capped": equal(guarded["final"], capped["final"]),
+                          "equal_wild": equal(guarded["final"], wild["final"]),
+                          "lr_23": guarded["probe"].lr[23], "lr_23_plain": capped["probe"].lr[23],
+                          "capped": sum(h.get("gradclip/lr_capped", 0) for h in guarded["logs"])}
     return results
 
 
@@ -323,7 +358,7 @@ def bench_layers(out: str, stage: int) -> dict:
                 "read_restored": EngineStep.__dict__["_read_layers"] is before}
 
 
-RUNS = {"bench_layers": bench_layers, "exact": exact,
+RUNS = {"bench_layers": bench_layers, "exact": exact, "lr_guard": lr_guard,
         "rollback_norm": lambda out, stage: rollback(out, stage, detection="norm"),
         "exact_nocheck": lambda out, stage: exact(out, stage, (("bf16", 2),), bf16={"check_grad_overflow": False}),
         "exact_fp32_ga2": lambda out, stage: exact(out, stage, (("fp32", 2),)),

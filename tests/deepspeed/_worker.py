@@ -168,7 +168,6 @@ RUN_TABLE = {
     "zero_clip": lambda: run("zero_clip", dict(threshold=0.3), steps=3, max_grad_norm=0.0),
     "crash": lambda: run("crash", dict(threshold=0.3), crash_at=2),
     "refuse_skip": lambda: run("refuse_skip", dict(spike_detection="both", spike_action="skip")),
-    "refuse_lr_guard": lambda: run("refuse_lr_guard", dict(threshold=0.3, lr_guard=3.0)),
     "refuse_nograd": lambda: run("refuse_nograd", dict(threshold=0.3), ds_zero={"compute_grad_norm": False},
                                  max_grad_norm=0.0),
 }

@@ -38,11 +38,11 @@ def launch(out_dir: Path, stage: int, runs: list[str], ranks: int = 1) -> dict:
 
 # the SGD scenarios (test_deepspeed.py), then the AdamW ones (_exact.py, test_deepspeed_skip.py), per stage
 SGD_RUNS = ["schedule", "measure", "spike", "spike_bare", "accum", "stop", "zscore", "quantile", "nonfinite", "raise",
-            "zero_clip", "crash", "refuse_skip", "refuse_lr_guard", "refuse_nograd", "resume", "norm_spike",
+            "zero_clip", "crash", "refuse_skip", "refuse_nograd", "resume", "norm_spike",
             "norm_stop"]
 EXACT_RUNS = {1: ["exact", "exact_bf16acc", "recommended", "rollback_bf16acc", "layers_bf16acc", "fp16_hysteresis",
                   "gate", "gate_refused_bf16acc"],
-              2: ["exact", "recommended", "rollback", "layers", "schedule_lr", "fp16", "bench_layers", "gate",
+              2: ["exact", "recommended", "rollback", "layers", "schedule_lr", "fp16", "bench_layers", "gate", "lr_guard",
                   "gate_refused_fp16", "rollback_norm", "gate_ga4"],
               3: ["exact", "recommended", "rollback", "layers", "schedule_lr", "fp16", "wandb", "gate_bf16",
                   "rollback_norm", "exact_nocheck"]}

@@ -186,15 +186,6 @@ def test_skip_of_a_norm_spike_is_refused_at_train_start(stage):
     assert r["clip_grad_after"] == 1.0
 
 
-def test_lr_guard_is_refused_at_train_start(stage):
-    """The learning-rate guard caps the LR inside the optimizer's step, which the engine runs inside backward():
-    refused before anything is set on the engine."""
-    r = stage["refuse_lr_guard"]
-    assert r["error"]["type"] == "ValueError" and r["rows"] == []
-    assert "lr_guard=3.0 caps the learning rate inside the optimizer's step" in r["error"]["message"]
-    assert r["clip_grad_after"] == 1.0
-
-
 def test_compute_grad_norm_false_is_refused(stage):
     r = stage["refuse_nograd"]
     assert r["rows"] == []

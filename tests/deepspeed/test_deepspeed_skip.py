@@ -192,3 +192,13 @@ def test_the_per_layer_cost_benchmark_runs(stage):
     assert row["read_ms"] > 0 and row["step_ms_off"] > 0 and row["step_ms_on"] > 0 and math.isfinite(row["ratio"])
     assert "| zero2 |" in r["md"]
     assert r["read_restored"]  # its timing patch is gone after it: the later runs of the worker read as users do
+
+
+@pytest.mark.parametrize("stage", [2], indirect=True, ids=["zero2"])
+def test_lr_guard_caps_a_learning_rate_jump_inside_the_engine_step(stage):
+    """``lr_guard`` under DeepSpeed (ZeRO-2): the step whose rate is 10x the scheduler's ends as the run whose rate
+    was 2x there, bit for bit; the next step's rate is the scheduler's own; one step counted as capped."""
+    for owner, r in stage["lr_guard"].items():
+        assert r["equal_capped"] and not r["equal_wild"], owner
+        assert r["lr_23"] == r["lr_23_plain"], owner
+        assert r["capped"] == 1, owner

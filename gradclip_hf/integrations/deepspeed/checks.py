@@ -66,9 +66,6 @@ def _check_config(c: ClipConfig, refuse: Callable[[str, str], None]) -> None:
     if c.exclude or c.include is not None:
         refuse(f"exclude={c.exclude!r} / include={c.include!r} cannot be applied: the engine measures and clips "
                f"every gradient", "Leave exclude and include unset.")
-    if c.lr_guard is not None:
-        refuse(f"lr_guard={c.lr_guard!r} caps the learning rate inside the optimizer's step, which the pack does not "
-               f"reach (the engine steps inside backward())", f"Leave lr_guard unset, {_INSTEAD}.")
     if c.nonfinite == "zero":
         refuse("nonfinite='zero' cannot be done: the engine checks its gradients for NaN/Inf inside its step and "
                "skips such a step itself (zeroing them would take a write into its gradient partitions every step)",

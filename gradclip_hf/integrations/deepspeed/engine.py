@@ -92,6 +92,7 @@ class EngineStep(StepBackend):
         self.advance = False  # the scheduler is owed one step (a step the pack skipped)
         self.read_layers = False
         self.rescale = 1.0  # the micro-batch gate's, for the coming engine step (1: nothing dropped)
+        self.lr_guard: Any = None  # a core LRGuard: caps the learning rate of each engine step (guard_lr)
         self.layer_values: torch.Tensor | None = None
         named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
@@ -108,6 +109,7 @@ class EngineStep(StepBackend):
                 return original(*args, **kwargs)
             rescale, self.rescale = self.rescale, 1.0
             undo = compat.rescaled(self.zero, rescale) if rescale != 1.0 else None  # the gate: the kept mean
+            capped = self.lr_guard.before_step(self.zero) if self.lr_guard is not None else []
             try:
                 if self.read_layers:
                     self.read_layers = False
@@ -116,11 +118,18 @@ class EngineStep(StepBackend):
             finally:
                 if undo is not None:
                     undo()
+                if capped:  # after the engine's own scheduler (if any) stepped: only a rate still capped goes back
+                    self.lr_guard.after_step(capped)
 
         engine.step = step
         return (lambda: setattr(engine, "step", original)) if own else (lambda: engine.__dict__.pop("step", None))
 
     @torch.no_grad()
+    def guard_lr(self, guard: Any) -> None:
+        """Cap each engine step's learning rate with ``guard`` (a :class:`~gradclip_hf.core.LRGuard`): in the
+        ``engine.step`` wrapper, on the ZeRO optimizer's parameter groups, which the engine's optimizer reads."""
+        self.lr_guard = guard
+
     def _read_layers(self) -> torch.Tensor:
         """Each parameter's gradient norm: this rank's sums of squares, ONE all-reduce over the partitions' group,
         unscaled (fp16). Between the engine's backward and its step, on every rank at the same steps."""
