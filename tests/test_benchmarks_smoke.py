@@ -153,3 +153,12 @@ def test_early_detection_records_replays_and_resumes_from_its_cache(bench, tmp_p
         assert set(saved["table"]["early"][task]["detect"]) == {"1.5", "2.0", "3.0"}
     md = (out / "early_detection.md").read_text()
     assert "## False positives on the clean series" in md and "| mean of the tasks | early |" in md
+
+
+def test_clean_runs(bench, tmp_path):
+    result = bench("clean_runs").main(["--scenario", "garbage_batches", "--methods", "stock", "recommended", "--seeds",
+                                       "2", "--steps", "12", "--cache", "none", "--out", str(tmp_path)])
+    rows = result["tasks"]["pretrain"]
+    assert rows["stock"]["fp_cost"]["mean"] == 0.0 and math.isfinite(rows["recommended"]["fp_cost"]["mean"])
+    assert len(rows["recommended"]["flagged"]) == 2
+    assert "| pretrain | recommended |" in (tmp_path / "clean_runs.md").read_text()
