@@ -68,14 +68,7 @@ class ClipRun:
             self.backend: StepBackend = LocalStep(self.clipper, optimizer, hand_off=self.config.defers_to_optimizer)
         else:
             self.backend = backend(self.clipper)
-        self.lr_guard = self.config.build_lr_guard()
-        if self.lr_guard is not None:
-            try:
-                self.backend.guard_lr(self.lr_guard)
-            except ValueError:  # refused: what the backend set up (an engine's wrappers) does not outlive this
-                self.backend.close()
-                raise
-        self._lr_capped_seen = 0
+        self.lr_guard = self._guard_lr()
         self.actions = StepActions(self.clipper, self.config, self.backend, owner)
         self.skip_prints = self.config.skip_fingerprints() if clipper is None else {}
         self.main_process = bool(getattr(state, "is_world_process_zero", True)) and _rank_zero()
@@ -294,6 +287,18 @@ class ClipRun:
                                                            self.layers.top_k)
                 out.update({SPIKE_LAYER_PREFIX + n: v for n, v in self.last_spike_layers})
         return out
+
+    def _guard_lr(self) -> Any:
+        """The learning-rate guard (``lr_guard``), handed to the backend; refused: what the backend set up (an
+        engine's wrappers) does not outlive the refusal."""
+        guard, self._lr_capped_seen = self.config.build_lr_guard(), 0
+        if guard is not None:
+            try:
+                self.backend.guard_lr(guard)
+            except ValueError:
+                self.backend.close()
+                raise
+        return guard
 
     def _lr_capped(self, step: int | None) -> int:
         """Steps whose learning rate the guard capped since the last call (host counts), said once per call."""
