@@ -105,8 +105,8 @@ def test_a_refused_lr_guard_closes_what_the_backend_set_up():
 
     args = type("Args", (), {"output_dir": None, "max_grad_norm": 1.0})()
     state = type("State", (), {"max_steps": 4, "global_step": 0, "is_world_process_zero": True})()
-    with pytest.raises(ValueError, match=r"lr_guard caps the learning rate inside the optimizer's step, which the "
-                                         r"elsewhere path does not reach"):
+    with pytest.raises(ValueError, match=r"lr_guard caps the learning rate of each optimizer step, which the "
+                                         r"elsewhere path does not reach: set lr_guard=None"):
         ClipRun(ClipConfig(lr_guard=3.0), None, args=args, state=state, owner="test", backend=Elsewhere)
     assert closed == [True]
 

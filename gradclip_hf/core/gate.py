@@ -93,7 +93,8 @@ class MicroBatchGate:
 
     def _start(self, device: torch.device) -> None:
         self._sums = torch.zeros(5, dtype=torch.float64, device=device)
-        self._worst = torch.tensor([-math.inf, math.nan, math.nan], dtype=torch.float64, device=device)
+        self._worst = torch.full((3,), math.nan, dtype=torch.float64, device=device)  # no copy from the host
+        self._worst[0] = -math.inf
         self._mask = torch.zeros((), dtype=torch.float64, device=device)
         self._judged, self._closed = 0, None
 
@@ -106,7 +107,8 @@ class MicroBatchGate:
             self._start(x.device)
         spike, z, baseline = self.detector.update(x)
         keep = ~spike
-        w = torch.as_tensor(weight, dtype=torch.float64, device=x.device).reshape(())
+        w = (weight.to(x.device, torch.float64).reshape(()) if isinstance(weight, Tensor)
+             else torch.full((), float(weight), dtype=torch.float64, device=x.device))  # no copy from the host
         counted = keep & (w > 0)  # a micro-batch without tokens (weight 0) adds nothing, not its NaN mean
         self._sums += torch.stack([torch.where(keep, w, 0.0), w, torch.where(counted, w * x, 0.0),
                                    spike.to(torch.float64), torch.ones_like(w)])
@@ -133,7 +135,7 @@ class MicroBatchGate:
         kept_w, all_w, dropped, judged = sums[_KEPT_W], sums[_ALL_W], sums[_DROPPED], sums[_JUDGED]
         rescale = torch.where((dropped > 0) & (kept_w > 0), all_w / kept_w.clamp(min=1e-300), 1.0)
         worst = self._worst
-        self._closed = GateStep(rescale=rescale.to(torch.float32), kept=judged > dropped,
+        self._closed = GateStep(rescale=rescale.to(torch.float32), kept=(judged > dropped) & (kept_w > 0),
                                 loss=sums[_KEPT_WX] / kept_w, dropped=dropped, micro_batches=judged,
                                 worst_loss=worst[1], worst_baseline=worst[2],
                                 worst_z=torch.where(torch.isfinite(worst[0]), worst[0], math.nan), mask=self._mask,

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from ..config import ClipConfig
+from ..core._checks import check_number
 from ..core import ClipReport, GradClipper, OptionError
 from ..run import ClipRun, LocalStep
 
@@ -136,6 +137,8 @@ class AcceleratorClipper:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise OptionError("loss", loss if not isinstance(loss, torch.Tensor) else f"a tensor of shape "
                               f"{list(loss.shape)}", "the micro-batch loss as a one-element tensor (model(**batch).loss)")
+        if not isinstance(weight, torch.Tensor):
+            check_number("weight", weight, low=0.0)
         return self.run.gate_loss(loss, loss.detach().reshape(()) if mean is None else mean, weight)
 
     def clip_(self, loss: Any = None) -> ClipReport | None:

@@ -92,9 +92,8 @@ class StepBackend:
     def guard_lr(self, guard: Any) -> None:
         """Cap the learning rate of each update with ``guard`` (a :class:`~gradclip_hf.core.LRGuard`) inside the
         optimizer's step; a backend whose optimizer steps elsewhere refuses (``ValueError`` with the fix)."""
-        raise ValueError(f"lr_guard caps the learning rate inside the optimizer's step, which the {self.name} path "
-                         f"does not reach (its engine steps inside backward()): leave lr_guard unset, or train "
-                         f"without DeepSpeed (DDP or FSDP2).")
+        raise ValueError(f"lr_guard caps the learning rate of each optimizer step, which the {self.name} path does "
+                         f"not reach: set lr_guard=None (clip_lr_guard).")
 
     def nonfinite_skip(self, report: ClipReport) -> Tensor:
         """Whether this path skips the update of a step with a NaN/Inf gradient (device flag)."""
@@ -146,6 +145,8 @@ class LocalStep(StepBackend):
         self.hand_off = self.gate is not None and self.gate.fused and hand_off
         self.scaler = optimizer is not None and scaler_enabled(optimizer)
         self.guard = clipper.nonfinite is NonFinitePolicy.SKIP and not self.scaler
+        # fp16: the scaler's step needs the step's inf checks (a backward): a listed step is computed, then skipped
+        self.uncomputed_listed = not self.scaler
         self.host_decision = self.gate is not None and not self.gate.fused
 
     def measure(self, model: Any, step: int, loss: Tensor | None, gate: GateStep | None = None) -> ClipReport:
@@ -160,8 +161,9 @@ class LocalStep(StepBackend):
 
     def guard_lr(self, guard: Any) -> None:
         if self.gate is None:
-            raise ValueError("lr_guard needs the optimizer (a torch optimizer whose step() the pack hooks): pass it "
-                             "to the run, or leave lr_guard unset.")
+            raise ValueError(f"lr_guard={guard.cap:g} needs a torch optimizer whose step() the pack can hook, got "
+                             f"{type(self.optimizer).__name__}: pass a torch.optim.Optimizer, or set lr_guard=None "
+                             f"(clip_lr_guard; ClipConfig.recommended(lr_guard=None)).")
         self.gate.lr_guard = guard
 
     def apply(self, report: ClipReport, skip: Tensor, skip_now: bool) -> None:

@@ -82,10 +82,13 @@ class StepGate:
         self._armed = None
 
     def remove(self) -> None:
-        """Remove the hooks (train end)."""
+        """Remove the hooks (train end); an optimizer step that raised between the hooks is undone here (its
+        attributes, hidden gradients and capped learning rates put back)."""
         for handle in self._handles:
             handle.remove()
         self._handles, self._armed = [], None
+        if self._restore or self._hidden or self._lr_saved:
+            self._post_hook(self.optimizer, (), {})
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:

@@ -162,6 +162,14 @@ def test_a_micro_batch_without_tokens_counts_for_nothing():
     assert float(step.loss) == pytest.approx((2 * 1.0 + 6 * 3.0) / 8) and float(step.micro_batches) == 3
 
 
+def test_when_only_micro_batches_without_tokens_are_kept_the_step_is_skipped():
+    gate = prefilled_gate()
+    assert not bool(gate.judge(torch.tensor(9.0), 4.0))  # dropped (9x its baseline)
+    assert bool(gate.judge(torch.tensor(1.0), 0.0))  # kept, but no label tokens: no gradient to make a step of
+    step = gate.close()
+    assert not bool(step.kept) and float(step.rescale) == 1.0
+
+
 def prefilled_gate() -> MicroBatchGate:
     detector = SpikeDetector(warmup_steps=2, adapt_after=100)
     detector.load_state_dict({"count": 10, "run": 0, "mean": 1.0, "var": 0.0001})

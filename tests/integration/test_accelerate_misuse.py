@@ -115,3 +115,11 @@ def test_step_is_a_deprecated_name_of_global_step():
     with pytest.warns(DeprecationWarning, match="use AcceleratorClipper.global_step"):
         assert clipper.step == clipper.global_step == 1
     clipper.close()
+
+
+@pytest.mark.parametrize("weight, match", [(-1.0, r"`weight` must be .*>= 0"), (float("nan"), r"`weight`")])
+def test_a_gate_weight_that_is_negative_or_nan_is_refused(weight, match):
+    acc, model, optimizer, clipper = setup(ClipConfig(spike_detection="loss", spike_gate="micro_batch"), accum=2)
+    loss = model(torch.randn(4, 8)).pow(2).mean()
+    with pytest.raises(ValueError, match=match):
+        clipper.gate(loss, weight=weight)

@@ -83,3 +83,37 @@ def test_the_averages_survive_a_checkpoint_and_a_resume(tmp_path):
     resumed = run(tmp_path / "r", jump, guard=2.0, resume=str(tmp_path / "r" / "checkpoint-26"))
     for name, value in weights(whole.model).items():
         torch.testing.assert_close(weights(resumed.model)[name], value, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_an_optimizer_step_that_raises_leaves_no_capped_rate_behind(tmp_path):
+    """A step that raises between the gate's hooks (here: the optimizer itself): train() fails, and the learning
+    rate the guard capped for that step is the scheduler's again."""
+    class Failing(torch.optim.SGD):
+        def step(self, closure=None):
+            if self.state.get("fail"):
+                raise RuntimeError("optimizer failed")
+            return super().step(closure)
+
+    model = tiny_llama(0)
+    optimizer = Failing(model.parameters(), lr=LR)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, jump)
+
+    class FailAtTheJump(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            optimizer.state["fail"] = state.global_step == JUMP[0]
+
+    trainer = GradClipTrainer(model=model, args=make_args(tmp_path, max_steps=STEPS, learning_rate=LR, optim="sgd"),
+                              train_dataset=DATA, optimizers=(optimizer, scheduler), callbacks=[FailAtTheJump()],
+                              clip_config=ClipConfig(threshold=1e6, spike_detection="off", lr_guard=2.0))
+    with pytest.raises(RuntimeError, match="optimizer failed"):
+        trainer.train()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(10 * LR)  # the scheduler's, not the cap (2x)
+
+
+def test_a_missing_torch_optimizer_is_a_clear_error():
+    from gradclip_hf.run import LocalStep
+    from gradclip_hf.core import GradClipper, LRGuard, NormClip
+
+    with pytest.raises(ValueError, match=r"lr_guard=2 needs a torch optimizer whose step\(\) the pack can hook, got "
+                                         r"NoneType.*set lr_guard=None"):
+        LocalStep(GradClipper(NormClip(1.0))).guard_lr(LRGuard(2.0))

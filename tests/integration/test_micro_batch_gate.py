@@ -8,6 +8,7 @@ micro-batch; with one micro-batch per step the gate is today's step skip; fp16 u
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -60,6 +61,18 @@ class InOrder(Trainer):
 
 class GradClipInOrder(GradClipMixin, InOrder):
     pass
+
+
+@pytest.fixture
+def fresh_accelerate_state(monkeypatch):
+    """A fresh accelerate state, and after the test the one before: transformers 4.57's TrainingArguments(bf16=True)
+    sets ACCELERATE_MIXED_PRECISION in the process environment, which every later Accelerator reads."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def gated_run(tmp_path, data, entry="mixin", by="tokens", fused=True, gate=True, **extra):
@@ -153,7 +166,7 @@ def test_with_one_micro_batch_per_step_the_gate_is_the_step_skip(tmp_path, datas
     assert [r["action"] for r in spike_lines(tmp_path / "micro_batch")] == ["skip", "skip"]
 
 
-def test_bf16_drops_the_micro_batch_and_stays_identical_before_it(tmp_path, dataset):
+def test_bf16_drops_the_micro_batch_and_stays_identical_before_it(tmp_path, dataset, fresh_accelerate_state):
     data = GarbageAt(dataset, BAD)
     gated, recorder = gated_run(tmp_path / "gated", data, bf16=True)
     _, plain_recorder = gated_run(tmp_path / "plain", data, bf16=True, gate=False)
@@ -165,15 +178,6 @@ def test_bf16_drops_the_micro_batch_and_stays_identical_before_it(tmp_path, data
 
 
 # ---------------------------------------------------------------- fp16: a hand-written loop, a real GradScaler
-@pytest.fixture
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def fp16_loop(data, gate: bool):
     """An accelerate loop with GA 4 and a real CPU GradScaler (handed to accelerate before prepare, as
     test_stops does), fused AdamW. ``gate``: the pack drops the bad micro-batch; else the loop leaves it out

@@ -62,6 +62,21 @@ def test_fp16_scaler_with_skip_unscales_every_step_once_and_keeps_norms(tmp_path
     assert 0 < stats["mean"] < 10  # the statistics saw unscaled, non-spike norms only
 
 
+def test_fp16_scaler_with_listed_steps_computes_them_and_skips_their_updates(tmp_path, dataset):
+    """Under a GradScaler a listed step is computed (the scaler's step needs its inf checks, which only a backward
+    records), then its update skipped: no crash, the weights and Adam's state do not move across it."""
+    listed = [3, 6]  # 0-based steps 2 and 5 (skip_steps counts from 1)
+    trainer, recorder = spiky(tmp_path, dataset, spikes=(), config=ClipConfig(threshold=1.0, skip_steps=listed))
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    trainer.train()
+    assert trainer.state.global_step == STEPS
+    for s in (2, 5):
+        assert all(torch.equal(a, b) for a, b in zip(recorder.weights[s - 1], recorder.weights[s]))
+        assert recorder.reports[s]["norm"] > 0  # computed: its gradient was measured
+    assert not all(torch.equal(a, b) for a, b in zip(recorder.weights[0], recorder.weights[1]))
+    assert sum(h.get("gradclip/skipped_steps", 0) for h in train_logs(trainer)) == 2
+
+
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
 def test_skip_is_bit_identical_and_the_lr_schedule_advances(tmp_path, dataset, optim):
     trainer, recorder = spiky(tmp_path / "skip", dataset, optim=optim, lr_scheduler_type="linear")

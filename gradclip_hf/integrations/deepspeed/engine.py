@@ -109,7 +109,6 @@ class EngineStep(StepBackend):
                 return original(*args, **kwargs)
             rescale, self.rescale = self.rescale, 1.0
             undo = compat.rescaled(self.zero, rescale) if rescale != 1.0 else None  # the gate: the kept mean
-            capped = self.lr_guard.before_step(self.zero) if self.lr_guard is not None else []
             try:
                 if self.read_layers:
                     self.read_layers = False
@@ -118,17 +117,27 @@ class EngineStep(StepBackend):
             finally:
                 if undo is not None:
                     undo()
-                if capped:  # after the engine's own scheduler (if any) stepped: only a rate still capped goes back
-                    self.lr_guard.after_step(capped)
 
         engine.step = step
         return (lambda: setattr(engine, "step", original)) if own else (lambda: engine.__dict__.pop("step", None))
 
     @torch.no_grad()
     def guard_lr(self, guard: Any) -> None:
-        """Cap each engine step's learning rate with ``guard`` (a :class:`~gradclip_hf.core.LRGuard`): in the
-        ``engine.step`` wrapper, on the ZeRO optimizer's parameter groups, which the engine's optimizer reads."""
-        self.lr_guard = guard
+        """Cap each step's learning rate with ``guard`` (a :class:`~gradclip_hf.core.LRGuard`): around the ZeRO
+        optimizer's own ``step`` (inside ``engine.step``, before the engine's scheduler steps), on its parameter
+        groups, which its base optimizer reads; put back before the scheduler computes the next rate."""
+        self.lr_guard, zero = guard, self.zero
+        own, original = "step" in zero.__dict__, zero.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            capped = guard.before_step(zero)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                guard.after_step(capped)
+
+        zero.step = step
+        self._undo.append((lambda: setattr(zero, "step", original)) if own else (lambda: zero.__dict__.pop("step", None)))
 
     def _read_layers(self) -> torch.Tensor:
         """Each parameter's gradient norm: this rank's sums of squares, ONE all-reduce over the partitions' group,

@@ -262,10 +262,11 @@ def micro_batch_share(trainer: Any, inputs: Any, num_items_in_batch: Any) -> tup
     tokens = _label_tokens(trainer, inputs) if num_items_in_batch is not None else None
     if tokens is None:  # a loss function of the user's without a count: its own scale, equal shares
         return 1.0, 1.0
-    total = torch.as_tensor(num_items_in_batch)
-    tokens = tokens.to(total.device, torch.float64)
+    tokens = tokens.to(torch.float64)
+    total = (num_items_in_batch.to(tokens.device, torch.float64) if isinstance(num_items_in_batch, torch.Tensor)
+             else torch.full((), float(num_items_in_batch), dtype=torch.float64, device=tokens.device))
     processes = 1
     if trainer.args.average_tokens_across_devices and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func):
         processes = trainer.accelerator.num_processes // (trainer.get_tp_size() if hasattr(trainer, "get_tp_size")
                                                           else 1)
-    return total.to(torch.float64) / (tokens * processes), tokens
+    return total / (tokens * processes), tokens
