@@ -17,6 +17,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from transformers import TrainerCallback  # noqa: E402
+
 from benchmarks import _common  # noqa: E402
 from benchmarks.harness import stats  # noqa: E402
 from benchmarks.harness.methods import method  # noqa: E402
@@ -31,7 +33,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 METHODS = ("rec_no_lrguard", "rec_lrguard")  # recommended() without and with its lr_guard=2
 
 
-class CappedSteps:
+class CappedSteps(TrainerCallback):
     """Counts the steps whose learning rate the guard capped (a callback reading the run's logged metric)."""
 
     def __init__(self):
@@ -51,9 +53,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def run(schedule: dict[str, Any], name: str, seed: int, settings: Settings) -> dict[str, Any]:
-    from transformers import TrainerCallback
-
-    counter = type("Counter", (CappedSteps, TrainerCallback), {})()
+    counter = CappedSteps()
     record = train_one(method(name), "garbage_batches", seed, False, settings, callbacks=[counter], **schedule)  # its clean run
     return {"eval_loss": record["eval_loss"], "capped": counter.count}
 

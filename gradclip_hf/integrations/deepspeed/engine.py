@@ -101,44 +101,44 @@ class EngineStep(StepBackend):
             self._undo.append(compat.hold_scaler(self.zero, lambda: self.dropping))
 
     def _wrap_step(self) -> Callable[[], None]:
-        engine, own = self.engine, "step" in self.engine.__dict__
-        original = engine.step
+        engine = self.engine
 
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if not engine.is_gradient_accumulation_boundary():
-                return original(*args, **kwargs)
-            rescale, self.rescale = self.rescale, 1.0
-            undo = compat.rescaled(self.zero, rescale) if rescale != 1.0 else None  # the gate: the kept mean
-            try:
-                if self.read_layers:
-                    self.read_layers = False
-                    self.layer_values = self._read_layers()  # divided by the loss scale: rescaled too
-                return original(*args, **kwargs)
-            finally:
-                if undo is not None:
-                    undo()
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def step(*args: Any, **kwargs: Any) -> Any:
+                if not engine.is_gradient_accumulation_boundary():
+                    return original(*args, **kwargs)
+                rescale, self.rescale = self.rescale, 1.0
+                undo = compat.rescaled(self.zero, rescale) if rescale != 1.0 else None  # the gate: the kept mean
+                try:
+                    if self.read_layers:
+                        self.read_layers = False
+                        self.layer_values = self._read_layers()  # divided by the loss scale: rescaled too
+                    return original(*args, **kwargs)
+                finally:
+                    if undo is not None:
+                        undo()
+            return step
 
-        engine.step = step
-        return (lambda: setattr(engine, "step", original)) if own else (lambda: engine.__dict__.pop("step", None))
+        return _patch(engine, "step", make)
 
-    @torch.no_grad()
     def guard_lr(self, guard: Any) -> None:
         """Cap each step's learning rate with ``guard`` (a :class:`~gradclip_hf.core.LRGuard`): around the ZeRO
         optimizer's own ``step`` (inside ``engine.step``, before the engine's scheduler steps), on its parameter
         groups, which its base optimizer reads; put back before the scheduler computes the next rate."""
         self.lr_guard, zero = guard, self.zero
-        own, original = "step" in zero.__dict__, zero.step
 
-        def step(*args: Any, **kwargs: Any) -> Any:
-            capped = guard.before_step(zero)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                guard.after_step(capped)
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def step(*args: Any, **kwargs: Any) -> Any:
+                capped = guard.before_step(zero)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    guard.after_step(capped)
+            return step
 
-        zero.step = step
-        self._undo.append((lambda: setattr(zero, "step", original)) if own else (lambda: zero.__dict__.pop("step", None)))
+        self._undo.append(_patch(zero, "step", make))
 
+    @torch.no_grad()
     def _read_layers(self) -> torch.Tensor:
         """Each parameter's gradient norm: this rank's sums of squares, ONE all-reduce over the partitions' group,
         unscaled (fp16). Between the engine's backward and its step, on every rank at the same steps."""
@@ -240,3 +240,11 @@ class EngineStep(StepBackend):
         while self._undo:
             self._undo.pop()()
         self.read_layers, self.dropping = False, False
+
+
+def _patch(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[[], None]:
+    """Set ``make(owner.name)`` on the instance ``owner`` in place of its method ``name``; returns the undo (an
+    instance attribute that was there is put back, else the class's method shows through again)."""
+    own, original = name in owner.__dict__, getattr(owner, name)
+    setattr(owner, name, make(original))
+    return (lambda: setattr(owner, name, original)) if own else (lambda: owner.__dict__.pop(name, None))
